@@ -1,0 +1,72 @@
+"""Command line: ``mochi-hub <command>`` or ``python -m mochi_hub <command>``.
+
+Works under ``accelerate launch -m mochi_hub pretrain ...`` for several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mochi_hub import __version__
+
+__all__ = ["main"]
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from mochi_hub.config import load_config
+    from mochi_hub.engine import pretrain
+
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        import yaml
+
+        from mochi_hub.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    pretrain(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mochi-hub`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="mochi-hub",
+        description="MoCHi hard negative mixing for MoCo: pretrain and evaluate backbones.",
+    )
+    parser.add_argument("--version", action="version", version=f"mochi_hub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a backbone with MoCo-v2/v3 (+ MoCHi) from a recipe",
+        description=(
+            "Pretrain a backbone. RECIPE is a YAML file (recipes/quickstart.yaml) or the name of a "
+            "shipped recipe (quickstart); key=value arguments override it, e.g. "
+            "mixing.num_hard=128 train.epochs=10."
+        ),
+    )
+    p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mochi-hub`` console script."""
+    from mochi_hub.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mochi-hub: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
