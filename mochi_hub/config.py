@@ -57,6 +57,10 @@ class ModelConfig:
         momentum_schedule: ``constant`` (MoCo-v2) or ``cosine`` ramp to 1 (MoCo-v3).
         channels_last: Use channels-last memory format (CNNs on GPU).
         compile: Wrap the model with ``torch.compile``.
+        shuffle_bn: MoCo-v2 shuffle-BN across processes for the key encoder (several processes).
+        key_bn_splits: Encode the (shuffled) key batch in this many chunks with separate
+            BatchNorm statistics; the single-process guard against BatchNorm cheating.
+        sync_bn: Convert BatchNorm to SyncBatchNorm (several GPUs; MoCo-v3 uses it).
     """
 
     method: Literal["mocov2", "mocov3"] = "mocov2"
@@ -73,6 +77,9 @@ class ModelConfig:
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     channels_last: bool = True
     compile: bool = False
+    shuffle_bn: bool = True
+    key_bn_splits: int = 1
+    sync_bn: bool = False
 
 
 @dataclass
@@ -103,7 +110,18 @@ class DataConfig:
     """Training and evaluation data.
 
     Attributes:
-        source: ``digits`` (built-in scikit-learn digits).
+        source: ``digits`` (built-in), a local image folder, Parquet file(s) (file, directory
+            or glob), or a Hugging Face Hub data set id (``uoft-cs/cifar10``).
+        split: Training split.
+        image_column: Image column; detected when null (``image``, ``img``, ...).
+        label_column: Label column (used by the kNN monitor); null for unlabelled data.
+        class_subset: Keep only these class names; ``imagenet100`` is the CMC subset of
+            ImageNet-1k used by the MoCHi paper.
+        streaming: Stream a Hub data set instead of downloading it first.
+        max_corrupt: Stop when more corrupt images were skipped than this; null: never.
+        eval_source: Labelled source of the kNN monitor; the training source when null.
+        eval_train_split: Split whose features form the kNN memory bank.
+        eval_split: Split the kNN monitor classifies; no monitor when null.
         image_size: Side of the training crops.
         augmentation: Two-view preset (``mocov2``, ``mocov3``, ``mocov2_small``, ``mocov3_small``).
         augmentation_overrides: Fields of both views to override (``hflip_p``, ``crop_scale``...).
@@ -114,6 +132,15 @@ class DataConfig:
     """
 
     source: str = "digits"
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = "label"
+    class_subset: str | list | None = None
+    streaming: bool = False
+    max_corrupt: int | None = None
+    eval_source: str | None = None
+    eval_train_split: str = "train"
+    eval_split: str | None = "test"
     image_size: int = 224
     augmentation: str = "mocov2"
     augmentation_overrides: dict = field(default_factory=dict)
@@ -164,6 +191,8 @@ class EvalConfig:
         every_epochs: Run the kNN monitor every n epochs (0: only at the end).
         at_start: Also evaluate the randomly initialised backbone before training.
         at_end: Evaluate after training.
+        max_train_images: Cap on the kNN memory bank (a fixed, seeded subset); null: all.
+        batch_size: Batch size of feature extraction, per process.
     """
 
     knn_k: int = 200
@@ -171,6 +200,8 @@ class EvalConfig:
     every_epochs: int = 0
     at_start: bool = True
     at_end: bool = True
+    max_train_images: int | None = None
+    batch_size: int = 256
 
 
 @dataclass
@@ -184,6 +215,9 @@ class TrainConfig:
         output_dir: Run directory; ``runs/<recipe name>`` when null.
         log_every: Log metrics and refresh the progress bar every n steps.
         checkpoint_every_epochs: Save a checkpoint every n epochs (0: only at the end).
+        checkpoint_every_steps: Also save every n optimiser steps (0: off).
+        resume: ``auto`` (newest complete checkpoint of the run directory, if any), a
+            checkpoint directory, or null (start afresh).
         keep_checkpoints: Number of most recent checkpoints kept.
         log_with: Accelerate trackers (``auto``: TensorBoard if installed; ``none``; or a
             comma-separated list such as ``tensorboard,wandb``).
@@ -195,6 +229,8 @@ class TrainConfig:
     output_dir: str | None = None
     log_every: int = 10
     checkpoint_every_epochs: int = 1
+    checkpoint_every_steps: int = 0
+    resume: str | None = "auto"
     keep_checkpoints: int = 2
     log_with: str = "auto"
 
@@ -223,6 +259,7 @@ class Config:
             "model.queue_size": m.queue_size,
             "model.hidden_dim": m.hidden_dim,
             "model.proj_layers": m.proj_layers,
+            "model.key_bn_splits": m.key_bn_splits,
             "model.temperature": m.temperature,
             "data.image_size": d.image_size,
             "data.batch_size": d.batch_size,
@@ -244,6 +281,7 @@ class Config:
             "optim.weight_decay": o.weight_decay,
             "optim.warmup_epochs": o.warmup_epochs,
             "train.checkpoint_every_epochs": t.checkpoint_every_epochs,
+            "train.checkpoint_every_steps": t.checkpoint_every_steps,
             "eval.every_epochs": self.eval.every_epochs,
         }
         for key, value in non_negative.items():
@@ -275,6 +313,14 @@ class Config:
                 f"model.queue_size ({m.queue_size}) is smaller than the global batch "
                 f"data.batch_size ({d.batch_size})"
             )
+        if d.max_corrupt is not None and d.max_corrupt < 0:
+            raise ConfigError(f"data.max_corrupt must be >= 0 or null, got {d.max_corrupt}")
+        if self.eval.max_train_images is not None and self.eval.max_train_images < 1:
+            raise ConfigError("eval.max_train_images must be >= 1 or null")
+        if self.eval.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")
+        if isinstance(d.class_subset, list) and not all(isinstance(c, str) for c in d.class_subset):
+            raise ConfigError("data.class_subset must be 'imagenet100' or a list of class names")
         if o.clip_grad is not None and o.clip_grad <= 0:
             raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
 
@@ -284,6 +330,12 @@ class Config:
             raise ConfigError(
                 f"data.batch_size ({self.data.batch_size}) is not divisible by the number of "
                 f"processes ({world_size})"
+            )
+        per_process = self.data.batch_size // world_size
+        if per_process < 2 * self.model.key_bn_splits:
+            raise ConfigError(
+                f"model.key_bn_splits ({self.model.key_bn_splits}) leaves fewer than 2 images "
+                f"per BatchNorm chunk of the per-process batch ({per_process})"
             )
 
 
@@ -339,6 +391,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key} must have {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
@@ -352,6 +408,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -1,8 +1,13 @@
 """The pretraining engine: the only module that reads the config tree.
 
-One code path for one CPU, one GPU and many processes: Accelerate places tensors, wraps the model
-for DDP and runs mixed precision; the engine makes the state changes (momentum update, enqueue)
-explicitly and in order after each optimiser step.
+One code path for one CPU, one GPU and many processes or nodes: Accelerate places tensors,
+wraps the model for DDP and runs mixed precision; the engine makes the state changes (momentum
+update, enqueue) explicitly and in order after each optimiser step.
+
+A run is resumable at any step: checkpoints (``accelerator.save_state`` plus the trainer state)
+are written under a temporary name and renamed once complete, the data order and every
+augmentation are functions of ``(seed, epoch, index)``, and MoCHi's and shuffle-BN's generators
+are checkpointed, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,36 +24,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from mochi_hub import __version__
 from mochi_hub.config import Config, ConfigError, config_to_dict
 from mochi_hub.data import (
-    eval_batch_transform,
+    IMAGENET100_CLASSES,
+    RobustEvalDataset,
+    RobustTwoViewDataset,
+    check_corrupt_budget,
     eval_transform,
-    load_digits_dataset,
-    two_view_batch_transform,
+    load_image_source,
     two_view_transform,
 )
+from mochi_hub.data.sampling import EpochSampler, SeededDataset
 from mochi_hub.distributed import gather_no_grad
-from mochi_hub.knn import extract_features, knn_accuracy
+from mochi_hub.knn import knn_accuracy
 from mochi_hub.losses import MixingSpec, contrastive_diagnostics, moco_v2_loss, moco_v3_loss
+from mochi_hub.metrics import alignment, uniformity
 from mochi_hub.moco import MoCoV2, MoCoV3, create_backbone, momentum_cosine
 
-__all__ = ["PretrainResult", "build_model", "pretrain"]
+__all__ = ["PretrainResult", "build_model", "find_checkpoint", "pretrain"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+# A rank that dies leaves the others blocked in a collective; they give up after this long.
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("MOCHI_HUB_COLLECTIVE_TIMEOUT", "1800"))
 
 
 # --------------------------------------------------------------------------- builders
@@ -56,8 +70,7 @@ COMPLETE_MARKER = "COMPLETE"
 def build_model(cfg: Config) -> MoCoV2 | MoCoV3:
     """The MoCo-v2 or MoCo-v3 model of a configuration (random initialisation)."""
     m = cfg.model
-    kwargs = dict(m.backbone_kwargs)
-    backbone = create_backbone(m.arch, **kwargs)
+    backbone = create_backbone(m.arch, **dict(m.backbone_kwargs))
     if m.method == "mocov2":
         return MoCoV2(
             backbone,
@@ -74,36 +87,75 @@ def build_model(cfg: Config) -> MoCoV2 | MoCoV3:
     )
 
 
-def _datasets(cfg: Config):
-    """(train split, labelled train split, labelled test split) of the configured source."""
+def _class_subset(cfg: Config) -> list[str] | None:
+    subset = cfg.data.class_subset
+    if subset is None:
+        return None
+    if isinstance(subset, str):
+        if subset.lower() != "imagenet100":
+            raise ConfigError(
+                f"data.class_subset '{subset}' is unknown: use 'imagenet100' or a list of names"
+            )
+        return list(IMAGENET100_CLASSES)
+    return list(subset)
+
+
+def _load(cfg: Config, source: str, split: str, label_column: str | None):
     d = cfg.data
-    if d.source != "digits":
-        raise ConfigError(
-            f"data.source '{d.source}' is not supported yet; the built-in source is 'digits'"
+    try:
+        return load_image_source(
+            source,
+            split=split,
+            image_column=d.image_column,
+            label_column=label_column,
+            streaming=False,
+            class_subset=_class_subset(cfg),
+            image_size=d.image_size,
         )
-    splits = load_digits_dataset(image_size=d.image_size)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data source '{source}' (split '{split}'): {e}") from e
+
+
+@dataclass
+class _Data:
+    train: Any
+    knn_bank: Any | None
+    knn_query: Any | None
+
+
+def build_data(cfg: Config) -> _Data:
+    """Training set (two views) and the kNN monitor's labelled splits; fails fast on bad data."""
+    d = cfg.data
+    if d.streaming:
+        raise ConfigError(
+            "data.streaming is not supported by the training engine yet: the fixed global batch "
+            "and the exact resume need a map-style data set (download it, or use Parquet shards)"
+        )
     views = two_view_transform(
         d.augmentation, d.image_size, mean=d.mean, std=d.std, **d.augmentation_overrides
     )
-    train = splits["train"].with_transform(two_view_batch_transform(views))
-    plain = eval_transform(d.image_size, mean=d.mean, std=d.std, crop_pct=1.0)
-    knn_train = splits["train"].with_transform(eval_batch_transform(plain))
-    knn_test = splits["test"].with_transform(eval_batch_transform(plain))
-    return train, knn_train, knn_test
+    train = RobustTwoViewDataset(_load(cfg, d.source, d.split, None), views)
+    if len(train) < d.batch_size:
+        raise ConfigError(
+            f"data.batch_size ({d.batch_size}) is larger than the training set ({len(train)} "
+            "images): no full batch can be formed"
+        )
+    bank = query = None
+    if d.eval_split is not None and d.label_column is not None:
+        plain = eval_transform(d.image_size, mean=d.mean, std=d.std, crop_pct=_crop_pct(d))
+        source = d.eval_source or d.source
+        bank = RobustEvalDataset(_load(cfg, source, d.eval_train_split, d.label_column), plain)
+        query = RobustEvalDataset(_load(cfg, source, d.eval_split, d.label_column), plain)
+        cap = cfg.eval.max_train_images
+        if cap is not None and cap < len(bank):
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            bank = Subset(bank, torch.randperm(len(bank), generator=g)[:cap].tolist())
+    return _Data(train, bank, query)
 
 
-def _loader(dataset, batch_size: int, *, shuffle: bool, drop_last: bool, cfg: Config, seed: int):
-    workers = cfg.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-    )
+def _crop_pct(d) -> float:
+    # The built-in digits are already image_size pixels: evaluate them whole.
+    return 1.0 if d.source == "digits" else 0.875
 
 
 def _trackers(cfg: Config, run_dir: Path) -> list:
@@ -131,7 +183,6 @@ class JsonlTracker(GeneralTracker):
     def __init__(self, run_dir: str | os.PathLike):
         super().__init__()
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
 
     @property
@@ -143,6 +194,7 @@ class JsonlTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:  # noqa: D102
         if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
         self._file.write(json.dumps({"step": step, **values}) + "\n")
 
@@ -165,18 +217,117 @@ class _GeneratorState:
         self.generator.set_state(state["state"])
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"step_(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run directory (or None).
+
+    Directories without the completeness marker (a save that was interrupted) are ignored.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = [p for p in root.glob("step_*") if (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=_checkpoint_step) if done else None
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+    """Save atomically: write under a temporary name, fsync, mark complete, then rename."""
+    root = run_dir / CHECKPOINT_DIR
+    final = root / f"step_{state['step']:08d}"
+    tmp = root / f".tmp_step_{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    # Accelerate's automatic checkpoint naming is not used, so its iteration counter (which
+    # load_state does not restore) plays no part: the directory name is the global step.
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        _fsync_tree(tmp)
+        (tmp / COMPLETE_MARKER).write_text(__version__)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_tree(root, recursive=False)
+        done = sorted(
+            (p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists()),
+            key=_checkpoint_step,
+        )
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(path: Path, recursive: bool = True) -> None:
+    items = [*path.rglob("*"), path] if recursive else [path]
+    for p in items:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _resume(accelerator: Accelerator, cfg: Config, run_dir: Path) -> tuple[Path | None, dict]:
+    choice = cfg.train.resume
+    if choice is None:
+        return None, {}
+    ckpt = find_checkpoint(run_dir) if choice == "auto" else Path(choice)
+    if ckpt is None:
+        return None, {}
+    if not (ckpt / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"train.resume: {ckpt} is not a complete checkpoint")
+    try:
+        accelerator.load_state(str(ckpt))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise RuntimeError(
+            f"checkpoint {ckpt} does not match this run's model or optimiser "
+            f"(model.arch={cfg.model.arch}, method={cfg.model.method}): {e}"
+        ) from e
+    return ckpt, json.loads((ckpt / TRAINER_STATE).read_text())
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
-def _knn_eval(
-    accelerator: Accelerator, backbone: nn.Module, loaders: tuple[DataLoader, DataLoader], cfg
-):
-    train_loader, test_loader = loaders
-    device = accelerator.device
-    train_f, train_y = extract_features(backbone, train_loader, device=device)
-    test_f, test_y = extract_features(backbone, test_loader, device=device)
+@torch.no_grad()
+def _features(accelerator: Accelerator, backbone: nn.Module, loader) -> tuple[Tensor, Tensor]:
+    """Unit-norm features and labels of a sharded loader, gathered from all processes."""
+    feats, labels = [], []
+    for batch in loader:
+        with accelerator.autocast():
+            f = backbone(batch["image"])
+        f = F.normalize(f.float(), dim=1)
+        f, y = accelerator.gather_for_metrics((f, batch["label"]))
+        feats.append(f.cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _knn_eval(accelerator: Accelerator, backbone: nn.Module, loaders, cfg: Config) -> dict:
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        bank_f, bank_y = _features(accelerator, backbone, loaders[0])
+        test_f, test_y = _features(accelerator, backbone, loaders[1])
+    finally:
+        backbone.train(was_training)
     return knn_accuracy(
-        train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
+        bank_f, bank_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
     )
 
 
@@ -190,64 +341,74 @@ class PretrainResult:
     Attributes:
         run_dir: The run directory.
         checkpoint: The last checkpoint directory.
-        steps: Optimiser steps taken.
+        steps: Optimiser steps taken in total (including those before a resume).
+        resumed_from: The checkpoint the run resumed from, if any.
         knn_init: kNN accuracies of the randomly initialised backbone (if evaluated).
         knn_final: kNN accuracies after training (if evaluated).
-        wall_seconds: Wall time of the whole run.
+        corrupt_images: Corrupt images skipped (replaced) in training.
+        wall_seconds: Wall time of this invocation.
     """
 
     run_dir: Path
     checkpoint: Path | None
     steps: int
+    resumed_from: Path | None
     knn_init: dict[str, float] | None
     knn_final: dict[str, float] | None
+    corrupt_images: int
     wall_seconds: float
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
-    """Save atomically: write under a temporary name, mark complete, then rename."""
-    root = run_dir / CHECKPOINT_DIR
-    final = root / f"step_{state['step']:08d}"
-    tmp = root / f".tmp_step_{state['step']:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        (tmp / COMPLETE_MARKER).write_text(__version__)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        done = sorted(p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    from datetime import timedelta
+
+    # Several processes without CUDA (torchrun or `accelerate launch --multi_gpu` on a CPU
+    # host) only form one gloo group when the Accelerator is told to use the CPU.
+    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=distributed_cpu,
+        log_with=_trackers(cfg, run_dir),
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        kwargs_handlers=[
+            # The queue and the momentum encoder's BatchNorm statistics are kept identical on
+            # every rank by the engine; DDP must not broadcast them each step.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),
+        ],
+    )
 
 
-def _fsync_dir(path: Path) -> None:
-    for p in [*path.rglob("*"), path] if path.is_dir() else [path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def _loader(dataset, batch_size: int, sampler, workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _eval_loader(dataset, cfg: Config) -> DataLoader:
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> PretrainResult:
-    """Pretrain a backbone with MoCo (+ MoCHi) as configured.
+    """Pretrain a backbone with MoCo (+ MoCHi) as configured, resuming if asked to.
 
     Args:
-        cfg: A validated configuration (see :func:`mochi_hub.config.load_config`).
+        cfg: A configuration (see :func:`mochi_hub.config.load_config`).
         accelerator: An existing Accelerator (tests); a new one is made otherwise.
 
     Returns:
@@ -257,33 +418,25 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     t_start = time.perf_counter()
     cfg.validate()
     run_dir = Path(cfg.train.output_dir or Path("runs") / cfg.name)
-    if accelerator is None:
-        accelerator = Accelerator(
-            log_with=_trackers(cfg, run_dir),
-            project_dir=str(run_dir),
-            step_scheduler_with_optimizer=False,
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
+    accelerator = accelerator or _make_accelerator(cfg, run_dir)
     cfg.check_world_size(accelerator.num_processes)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.model.sync_bn and world > 1 and accelerator.device.type == "cpu":
+        raise ConfigError("model.sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
 
+    # Everything that can fail on bad data fails here, before the model takes any memory.
+    data = build_data(cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     accelerator.init_trackers(cfg.name, config=_flat(config_to_dict(cfg)))
 
-    # The same seed on every rank: identical initial weights and queue.
-    set_seed(cfg.train.seed)
-    train_set, knn_train_set, knn_test_set = _datasets(cfg)
+    set_seed(cfg.train.seed)  # the same on every rank: identical initial weights and queue
     model = build_model(cfg)
+    if cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    per_process = cfg.data.batch_size // world
-    if len(train_set) < cfg.data.batch_size:
-        raise ConfigError(
-            f"data.batch_size ({cfg.data.batch_size}) is larger than the training set "
-            f"({len(train_set)} images)"
-        )
 
     o = cfg.optim
     lr = o.base_lr * cfg.data.batch_size / 256
@@ -296,14 +449,17 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         filter_bias_and_bn=o.exclude_bias_and_norm,
         **({"betas": o.betas} if o.name == "adamw" else {}),
     )
-    train_loader = _loader(
-        train_set, per_process, shuffle=True, drop_last=True, cfg=cfg, seed=cfg.train.seed
-    )
-    knn_loaders = tuple(
-        _loader(s, 256, shuffle=False, drop_last=False, cfg=cfg, seed=0)
-        for s in (knn_train_set, knn_test_set)
-    )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    train_set = SeededDataset(data.train, cfg.train.seed)
+    sampler = EpochSampler(len(train_set), cfg.train.seed)
+    per_process = cfg.data.batch_size // world
+    train_loader = _loader(train_set, per_process, sampler, cfg.data.num_workers)
+    prepared = accelerator.prepare(model, optimizer, train_loader)
+    model, optimizer, train_loader = prepared
+    knn_loaders = None
+    if data.knn_bank is not None:
+        knn_loaders = accelerator.prepare(
+            _eval_loader(data.knn_bank, cfg), _eval_loader(data.knn_query, cfg)
+        )
     unwrapped = accelerator.unwrap_model(model)
     if cfg.model.compile:
         model = torch.compile(model)
@@ -326,70 +482,100 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         )
         accelerator.register_for_checkpointing(scheduler)
 
-    # MoCHi's randomness: one generator per rank, on the device, checkpointed with the run.
+    # MoCHi's randomness: one generator per rank (different queries), checkpointed.
     mix_gen = torch.Generator(device=accelerator.device)
     mix_gen.manual_seed(cfg.train.seed * 1000 + 17 + rank)
     accelerator.register_for_checkpointing(_GeneratorState(mix_gen))
+    # Shuffle-BN's permutation: the same generator state on every rank, checkpointed.
+    shuffle_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 29)
+    accelerator.register_for_checkpointing(_GeneratorState(shuffle_gen))
+    m_cfg = cfg.model
+    use_shuffle = m_cfg.method == "mocov2" and (
+        (world > 1 and m_cfg.shuffle_bn) or m_cfg.key_bn_splits > 1
+    )
     x = cfg.mixing
     spec = None
     if x.enabled and x.num_synthetic + x.num_synthetic_query > 0:
         spec = MixingSpec(x.num_hard, x.num_synthetic, x.num_synthetic_query, x.max_beta, x.impl)
 
+    resumed_from, state = _resume(accelerator, cfg, run_dir)
+    step = state.get("step", 0)
+    start_epoch = state.get("epoch", 0)
+    skip = state.get("step_in_epoch", 0)
+    corrupt_before = state.get("corrupt_images", 0)
+    if resumed_from is not None:
+        accelerator.print(f"resumed from {resumed_from} (step {step}, epoch {start_epoch})")
+
     knn_init = None
-    if cfg.eval.at_start:
+    if cfg.eval.at_start and knn_loaders is not None and resumed_from is None:
         knn_init = _knn_eval(accelerator, unwrapped.backbone, knn_loaders, cfg)
         accelerator.print(f"kNN before training: top-1 {knn_init['top1']:.2f}%")
         accelerator.log({f"knn/{k}": v for k, v in knn_init.items()}, step=0)
 
     mix_desc = f"MoCHi{(x.num_hard, x.num_synthetic, x.num_synthetic_query)}" if spec else "none"
     accelerator.print(
-        f"mochi_hub {__version__}: {cfg.model.method}, mixing {mix_desc}"
-        f" | {cfg.model.arch} | {world} process(es) on {accelerator.device} | "
-        f"batch {cfg.data.batch_size} | lr {lr:.4g} | {steps_per_epoch} steps/epoch"
+        f"mochi_hub {__version__}: {m_cfg.method}, mixing {mix_desc} | {m_cfg.arch} | "
+        f"{world} process(es) on {accelerator.device} | batch {cfg.data.batch_size} | "
+        f"lr {lr:.4g} | {steps_per_epoch} steps/epoch"
     )
-    bar = tqdm(total=total_steps, disable=not accelerator.is_local_main_process, desc="pretrain")
-    step, checkpoint, knn_final = 0, None, None
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not accelerator.is_local_main_process,
+        desc="pretrain",
+    )
+    device = accelerator.device
+    corrupt = torch.zeros((), dtype=torch.long, device=device)
+    checkpoint = resumed_from
     t_log, images_since_log = time.perf_counter(), 0
-    done = False
-    for epoch in range(cfg.train.epochs):
+    epoch = start_epoch
+    done = step >= total_steps
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if done:
+            break
         if scheduler is not None and not per_step:
             scheduler.step(epoch)
         mixing = spec if (spec is not None and epoch >= x.start_epoch) else None
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        step_in_epoch, skip = skip, 0
         model.train()
-        for batch in train_loader:
+        for batch in loader:
             v1, v2 = batch["view1"], batch["view2"]
-            if cfg.model.channels_last:
+            corrupt += batch["corrupt"].sum()
+            if m_cfg.channels_last:
                 v1 = v1.contiguous(memory_format=torch.channels_last)
                 v2 = v2.contiguous(memory_format=torch.channels_last)
-            progress = step / max(1, total_steps)
-            m = (
-                momentum_cosine(cfg.model.momentum, progress)
-                if cfg.model.momentum_schedule == "cosine"
-                else cfg.model.momentum
+            momentum = (
+                momentum_cosine(m_cfg.momentum, step / max(1, total_steps))
+                if m_cfg.momentum_schedule == "cosine"
+                else m_cfg.momentum
             )
-            if cfg.model.method == "mocov2":
-                q, k = model(v1, v2)
+            if m_cfg.method == "mocov2":
+                perm = None
+                if use_shuffle:
+                    perm = torch.randperm(world * per_process, generator=shuffle_gen).to(device)
+                q, k = model(v1, v2, key_perm=perm, key_splits=m_cfg.key_bn_splits)
                 out = moco_v2_loss(
                     q,
                     k,
                     unwrapped.queue.keys,
-                    temperature=cfg.model.temperature,
+                    temperature=m_cfg.temperature,
                     mixing=mixing,
                     generator=mix_gen,
                 )
-                loss, outs = out.loss, [out]
-                new_keys = k
+                loss, first, new_keys = out.loss, out, k
             else:
-                q1, q2, k1, k2 = model(v1, v2)
-                o1 = moco_v3_loss(
-                    q1, gather_no_grad(k2), temperature=cfg.model.temperature, rank=rank,
+                q, q2, k1, k = model(v1, v2)
+                out1 = moco_v3_loss(
+                    q, gather_no_grad(k), temperature=m_cfg.temperature, rank=rank,
                     mixing=mixing, generator=mix_gen,
                 )  # fmt: skip
-                o2 = moco_v3_loss(
-                    q2, gather_no_grad(k1), temperature=cfg.model.temperature, rank=rank,
+                out2 = moco_v3_loss(
+                    q2, gather_no_grad(k1), temperature=m_cfg.temperature, rank=rank,
                     mixing=mixing, generator=mix_gen,
                 )  # fmt: skip
-                loss, outs, new_keys = o1.loss + o2.loss, [o1, o2], None
+                loss, first, new_keys = out1.loss + out2.loss, out1, None
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if o.clip_grad is not None:
@@ -397,68 +583,100 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             optimizer.step()
             if scheduler is not None and per_step:
                 scheduler.step_update(step + 1)
-            # Explicit state changes, after the optimiser step.
-            unwrapped.momentum_update(m)
+            # Explicit state changes, after the optimiser step, in this order.
+            unwrapped.momentum_update(momentum)
             if new_keys is not None:
                 unwrapped.queue.enqueue(gather_no_grad(new_keys))
             step += 1
+            step_in_epoch += 1
             images_since_log += cfg.data.batch_size
             bar.update(1)
 
             if step % cfg.train.log_every == 0 or step == total_steps:
-                loss_value = loss.item()  # the only host sync, every log_every steps
-                if not math.isfinite(loss_value):
+                # The only host synchronisations of the loop, every log_every steps.
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                if not math.isfinite(mean_loss):
                     raise FloatingPointError(
-                        f"loss is {loss_value} at step {step} (epoch {epoch}); stopping. "
-                        "The last complete checkpoint is kept."
+                        f"loss is {mean_loss} at step {step} (epoch {epoch}); stopping. The last "
+                        f"complete checkpoint ({find_checkpoint(run_dir)}) is kept."
                     )
+                skipped = corrupt_before + int(accelerator.reduce(corrupt, reduction="sum"))
+                check_corrupt_budget(skipped, cfg.data.max_corrupt)
                 now = time.perf_counter()
                 ips = images_since_log / max(now - t_log, 1e-9)
                 t_log, images_since_log = now, 0
                 stats = contrastive_diagnostics(
-                    outs[0], cfg.model.temperature, x.num_hard if spec else 1024
+                    first, m_cfg.temperature, x.num_hard if spec else 1024
                 )
                 logs = {
-                    "train/loss": loss_value,
+                    "train/loss": mean_loss,
                     "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/momentum": m,
+                    "train/momentum": momentum,
                     "train/images_per_s": ips,
                     "train/epoch": epoch,
                     "train/mixing_active": float(mixing is not None),
-                    **{f"train/{k}": v.item() for k, v in stats.items()},
+                    "train/corrupt_images": skipped,
+                    "train/alignment": alignment(q, k).item(),
+                    "train/uniformity": uniformity(q).item(),
+                    **{f"train/{name}": v.item() for name, v in stats.items()},
                 }
                 accelerator.log(logs, step=step)
                 bar.set_postfix(
-                    loss=f"{loss_value:.3f}", lr=f"{logs['train/lr']:.3g}", img_s=f"{ips:.0f}"
+                    loss=f"{mean_loss:.3f}", lr=f"{logs['train/lr']:.3g}", img_s=f"{ips:.0f}"
+                )
+            last_batch = step_in_epoch == steps_per_epoch
+            every_steps = cfg.train.checkpoint_every_steps
+            if every_steps and step % every_steps == 0 and not last_batch and step < total_steps:
+                state = _trainer_state(
+                    epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
+                )
+                checkpoint = _save_checkpoint(
+                    accelerator, run_dir, state, cfg.train.keep_checkpoints
                 )
             if step >= total_steps:
                 done = True
                 break
 
-        last_epoch = done or epoch == cfg.train.epochs - 1
+        finished_epoch = step_in_epoch == steps_per_epoch
         every = cfg.train.checkpoint_every_epochs
-        if last_epoch or (every and (epoch + 1) % every == 0):
-            state = {"epoch": epoch + 1, "step": step, "version": __version__}
+        save = done or (finished_epoch and every and (epoch + 1) % every == 0)
+        save = save or (
+            finished_epoch
+            and cfg.train.checkpoint_every_steps
+            and step % cfg.train.checkpoint_every_steps == 0
+        )
+        if save:
+            state = (
+                _trainer_state(epoch + 1, 0, step, corrupt_before, corrupt, accelerator)
+                if finished_epoch
+                else _trainer_state(
+                    epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
+                )
+            )
             checkpoint = _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
         monitor = cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0
-        if monitor and not last_epoch:
+        if monitor and knn_loaders is not None and not done:
             acc = _knn_eval(accelerator, unwrapped.backbone, knn_loaders, cfg)
             accelerator.log({f"knn/{k}": v for k, v in acc.items()}, step=step)
             accelerator.print(f"epoch {epoch + 1}: kNN top-1 {acc['top1']:.2f}%")
-        if done:
-            break
     bar.close()
 
-    if cfg.eval.at_end:
+    knn_final = None
+    if cfg.eval.at_end and knn_loaders is not None:
         knn_final = _knn_eval(accelerator, unwrapped.backbone, knn_loaders, cfg)
         accelerator.log({f"knn/{k}": v for k, v in knn_final.items()}, step=step)
+    skipped = corrupt_before + int(accelerator.reduce(corrupt, reduction="sum"))
     wall = time.perf_counter() - t_start
-    result = PretrainResult(run_dir, checkpoint, step, knn_init, knn_final, wall)
+    result = PretrainResult(
+        run_dir, checkpoint, step, resumed_from, knn_init, knn_final, skipped, wall
+    )
     if accelerator.is_main_process:
         summary = {
             "steps": step,
+            "resumed_from": str(resumed_from) if resumed_from else None,
             "knn_init": knn_init,
             "knn_final": knn_final,
+            "corrupt_images": skipped,
             "wall_seconds": round(wall, 1),
             "checkpoint": str(checkpoint) if checkpoint else None,
         }
@@ -469,9 +687,23 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             f"kNN top-1 on the held-out split: {knn_final['top1']:.2f}%{init}; "
             f"top-5 {knn_final['top5']:.2f}%"
         )
+    if skipped:
+        accelerator.print(f"{skipped} corrupt image(s) were skipped and replaced")
     accelerator.print(f"run directory: {run_dir} | checkpoint: {checkpoint} | {wall:.0f} s")
     accelerator.end_training()
     return result
+
+
+def _trainer_state(
+    epoch: int, step_in_epoch: int, step: int, before: int, corrupt: Tensor, accelerator
+) -> dict:
+    return {
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "step": step,
+        "corrupt_images": before + int(accelerator.reduce(corrupt.clone(), reduction="sum")),
+        "version": __version__,
+    }
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

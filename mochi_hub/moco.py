@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mochi_hub import distributed
 from mochi_hub.heads import mocov2_projector, mocov3_mlp
 from mochi_hub.queue import MemoryQueue
 
@@ -122,21 +123,57 @@ class MoCoV2(_MomentumModel):
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
 
     @torch.no_grad()
-    def embed_key(self, x: Tensor) -> Tensor:
-        """Unit-norm key embeddings (B, proj_dim) in float32 from the momentum encoder."""
-        return F.normalize(self.momentum_projector(self.momentum_backbone(x)).float(), dim=1)
+    def _encode_keys(self, x: Tensor, splits: int) -> Tensor:
+        chunks = x.chunk(splits) if splits > 1 else (x,)  # separate BatchNorm statistics
+        z = torch.cat([self.momentum_projector(self.momentum_backbone(c)) for c in chunks])
+        return F.normalize(z.float(), dim=1)
 
-    def forward(self, x_q: Tensor, x_k: Tensor) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def embed_key(self, x: Tensor, perm: Tensor | None = None, splits: int = 1) -> Tensor:
+        """Unit-norm key embeddings (B, proj_dim) in float32 from the momentum encoder.
+
+        Shuffle-BN (MoCo's guard against BatchNorm "cheating"): with ``perm``, a permutation of
+        the global batch identical on every rank, each process encodes a shuffled share of all
+        processes' images, so the key encoder's BatchNorm statistics come from other images
+        than the query encoder's; the keys are then returned in the original order. In one
+        process the shuffle alone changes nothing for BatchNorm; ``splits`` > 1 then encodes the
+        shuffled batch in that many chunks, each with its own statistics (split-BN).
+
+        Args:
+            x: Key view of this process (B, 3, H, W).
+            perm: Permutation of ``range(world_size * B)``, the same on all ranks; or None.
+            splits: Number of chunks the (shuffled) batch is encoded in.
+
+        Returns:
+            This process's keys (B, proj_dim), in the order of ``x``.
+        """
+        if perm is None:
+            return self._encode_keys(x, splits)
+        world, b = distributed.world_size(), x.shape[0]
+        if perm.numel() != world * b:
+            raise ValueError(f"perm must have world_size * B = {world * b} entries")
+        x_all = distributed.gather_no_grad(x)  # (W * B, 3, H, W)
+        mine = perm.view(world, b)[distributed.rank()]  # global images this rank encodes
+        k_all = distributed.gather_no_grad(self._encode_keys(x_all[mine], splits))  # perm order
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return k_all[inverse].view(world, b, -1)[distributed.rank()]
+
+    def forward(
+        self, x_q: Tensor, x_k: Tensor, key_perm: Tensor | None = None, key_splits: int = 1
+    ) -> tuple[Tensor, Tensor]:
         """Embed two views; no side effects.
 
         Args:
             x_q: Query view (B, 3, H, W).
             x_k: Key view (B, 3, H, W).
+            key_perm: Shuffle-BN permutation of the global batch (see :meth:`embed_key`).
+            key_splits: Split-BN chunks of the key batch (see :meth:`embed_key`).
 
         Returns:
             Unit-norm query and key embeddings, each (B, proj_dim).
         """
-        return self.embed_query(x_q), self.embed_key(x_k)
+        return self.embed_query(x_q), self.embed_key(x_k, key_perm, key_splits)
 
 
 class MoCoV3(_MomentumModel):

@@ -30,6 +30,8 @@ def test_recipe_by_name_and_overrides_win():
     assert cfg.name == "quickstart"
     assert cfg.mixing.num_hard == 32 and cfg.train.epochs == 2
     assert cfg.data.mean == (0.0, 0.0, 0.0)
+    # YAML 1.1 reads 1e-4 as a string; a float field still takes it
+    assert load_config(None, ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
     assert find_recipe("recipes/quickstart.yaml").is_file()
 
 
@@ -81,6 +83,12 @@ def test_batch_must_split_over_processes():
     with pytest.raises(ConfigError, match="not divisible by the number of processes"):
         cfg.check_world_size(2)
     cfg.check_world_size(1)
+    split = load_config(
+        None, ["data.batch_size=16", "model.key_bn_splits=4", "mixing.enabled=false"]
+    )
+    split.check_world_size(2)  # 8 images per process, 2 per BatchNorm chunk
+    with pytest.raises(ConfigError, match="model.key_bn_splits"):
+        split.check_world_size(4)
 
 
 def test_missing_recipe_lists_shipped_ones():

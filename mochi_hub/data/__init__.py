@@ -1,6 +1,16 @@
-"""Data: the built-in digits data set and the two-view / evaluation transforms."""
+"""Data: sources (digits, image folders, Parquet, Hub), robust datasets and transforms."""
 
 from mochi_hub.data.digits import DIGITS_CLASS_NAMES, load_digits_dataset
+from mochi_hub.data.sources import (
+    IMAGE_COLUMN_CANDIDATES,
+    IMAGENET100_CLASSES,
+    RobustEvalDataset,
+    RobustTwoViewDataset,
+    check_corrupt_budget,
+    check_imagenet100,
+    decode_image,
+    load_image_source,
+)
 from mochi_hub.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,20 +33,28 @@ from mochi_hub.data.transforms import (
 
 __all__ = [
     "DIGITS_CLASS_NAMES",
+    "IMAGE_COLUMN_CANDIDATES",
+    "IMAGENET100_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
     "EvalBatchTransform",
     "EvalTransform",
+    "RobustEvalDataset",
+    "RobustTwoViewDataset",
     "SeparableGaussianBlur",
     "TwoViewBatchTransform",
     "TwoViewTransform",
     "ViewAugmentation",
     "blur_kernel_size",
+    "check_corrupt_budget",
+    "check_imagenet100",
+    "decode_image",
     "eval_batch_transform",
     "eval_transform",
     "gaussian_blur_matrix",
     "load_digits_dataset",
+    "load_image_source",
     "to_rgb",
     "to_uint8_rgb_tensor",
     "two_view_batch_transform",

@@ -1,0 +1,83 @@
+"""Deterministic data order and augmentation randomness, for exact resume.
+
+The order of an epoch and the random augmentation of every image depend only on
+``(seed, epoch, index)``: not on the number of loader workers, on which worker decodes an
+image, or on where a run was interrupted. A resumed run skips the batches already seen and
+continues with exactly the images, and the exact crops, of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["EpochSampler", "SeededDataset"]
+
+_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant, decorrelates nearby seeds
+
+
+def _seed_of(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * _MIX + int(p) + 1) % (1 << 63)
+    return h
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(size)`` per epoch, seeded by ``(seed, epoch)``.
+
+    Indices are yielded as ``epoch * size + i`` so that :class:`SeededDataset` knows the epoch
+    of every item even inside persistent loader workers.
+
+    Args:
+        size: Number of items in the data set.
+        seed: Base seed of the run.
+        shuffle: Permute each epoch (True) or keep the natural order.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        if size < 1:
+            raise ValueError(f"the data set is empty (size {size})")
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order is produced next (called by Accelerate's loaders)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_seed_of(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        offset = self.epoch * self.size
+        return iter((order + offset).tolist())
+
+
+class SeededDataset(Dataset):
+    """Runs ``dataset[i]`` under a CPU RNG seeded by ``(seed, epoch, i)``.
+
+    The global RNG state of the calling process is restored afterwards, so the wrapper has no
+    side effect on the training process when the loader has no workers.
+
+    Args:
+        dataset: Map-style data set whose ``__getitem__`` draws from torch's global RNG.
+        seed: Base seed of the run.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        epoch, i = divmod(int(index), len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(self.seed, epoch, i))
+            return self.dataset[i]

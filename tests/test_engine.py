@@ -1,0 +1,184 @@
+"""The training engine: exact resume after SIGKILL, atomic checkpoints, NaN stop, shuffle-BN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mochi_hub import engine
+from mochi_hub.config import load_config
+from mochi_hub.engine import COMPLETE_MARKER, find_checkpoint, pretrain
+from mochi_hub.moco import MoCoV2, create_backbone
+
+TINY = [
+    "train.log_with=none",
+    "train.log_every=1",
+    "eval.at_start=false",
+    "eval.at_end=false",
+    "data.num_workers=0",
+    "mixing.start_epoch=1",
+    "model.queue_size=256",
+    "mixing.num_hard=16",
+    "mixing.num_synthetic=8",
+    "mixing.num_synthetic_query=4",
+    "model.backbone_kwargs={channels: [8, 8, 16, 16], stem_width: 8}",
+]
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mochi_hub", "pretrain", "quickstart", f"train.output_dir={out}",
+            *TINY, *extra]  # fmt: skip
+
+
+def _final_state(run: Path) -> tuple[dict, dict, dict]:
+    ckpt = find_checkpoint(run)
+    model = load_file(str(ckpt / "model.safetensors"))
+    optim = torch.load(ckpt / "optimizer.bin", weights_only=True)
+    return model, optim, json.loads((ckpt / "trainer_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_bit_for_bit(tmp_path):
+    # 1437 digits / batch 128 = 11 steps per epoch. The kill comes after step 12, in epoch 1,
+    # once the mixing warm-up (epoch 0) is over and MoCHi's generator has been used, so the
+    # resumed run must restore the data order, the generators and every state mid-epoch.
+    common = ["data.batch_size=128", "train.max_steps=16", "train.checkpoint_every_steps=1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cmd(straight, *common), check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(
+        _cmd(killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000012" / COMPLETE_MARKER).exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # no clean exit, possibly in the middle of a save
+    proc.wait()
+    killed_at = _final_state(killed)[2]["step"]
+    assert 12 <= killed_at < 16
+    resumed = subprocess.run(_cmd(killed, *common), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints'}" in resumed.stdout
+
+    model_a, optim_a, state_a = _final_state(straight)
+    model_b, optim_b, state_b = _final_state(killed)
+    assert state_a == state_b and state_a["step"] == 16 and state_a["epoch"] == 1
+    assert model_a.keys() == model_b.keys()
+    for name in model_a:  # weights, momentum encoder, BN statistics, queue and its pointer
+        assert torch.equal(model_a[name], model_b[name]), name
+    assert optim_a["param_groups"] == optim_b["param_groups"]
+    for pid, st in optim_a["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, optim_b["state"][pid][key]), (pid, key)
+    results = json.loads((killed / "results.json").read_text())
+    assert results["steps"] == 16 and results["resumed_from"] is not None
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(
+        "quickstart",
+        [*TINY, f"train.output_dir={tmp_path / 'run'}", "data.batch_size=32", *extra],
+    )
+
+
+def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "train.max_steps=3", "train.checkpoint_every_steps=1")
+    real_save = engine._save_checkpoint
+    calls = {"n": 0}
+
+    def dying_save(accelerator, run_dir, state, keep):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die half way through the second save
+            tmp = run_dir / "checkpoints" / f".tmp_step_{state['step']:08d}"
+            tmp.mkdir(parents=True)
+            (tmp / "model.safetensors").write_bytes(b"\x00" * 10)  # truncated
+            raise KeyboardInterrupt("killed during checkpoint write")
+        return real_save(accelerator, run_dir, state, keep)
+
+    monkeypatch.setattr(engine, "_save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    run = tmp_path / "run"
+    assert find_checkpoint(run).name == "step_00000001"  # the partial one is ignored
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    result = pretrain(cfg)  # resume=auto picks step 1, finishes at step 3
+    assert result.resumed_from.name == "step_00000001" and result.steps == 3
+    assert not list((run / "checkpoints").glob(".tmp*"))
+
+
+def test_keeps_only_the_last_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every_steps=1",
+               "train.keep_checkpoints=2")  # fmt: skip
+    pretrain(cfg)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000004"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "train.max_steps=5", "train.checkpoint_every_steps=1")
+    real_loss = engine.moco_v2_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(engine, "moco_v2_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        pretrain(cfg)
+    assert find_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    pretrain(_cfg(tmp_path, "train.max_steps=1"))
+    other = _cfg(tmp_path, "train.max_steps=2", "model.backbone_kwargs={channels: [8, 8, 8, 8]}")
+    with pytest.raises(RuntimeError, match="does not match this run's model"):
+        pretrain(other)
+
+
+def test_mocov3_trains_with_mochi_on_in_batch_negatives(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "train.max_steps=2",
+        "model.method=mocov3",
+        "model.proj_dim=16",
+        "model.hidden_dim=32",
+        "model.momentum_schedule=cosine",
+        "mixing.start_epoch=0",
+        "mixing.num_hard=8",
+        "optim.name=adamw",
+        "optim.base_lr=1.0e-3",
+        "optim.schedule_unit=step",
+        "optim.warmup_epochs=0.1",
+        "optim.exclude_bias_and_norm=true",
+    )
+    result = pretrain(cfg)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train/syn_share_topn"] >= 0 and rows[-1]["train/momentum"] > 0.99
+    assert "queue.keys" not in load_file(str(result.checkpoint / "model.safetensors"))
+
+
+def test_split_bn_keys_match_their_images():
+    torch.manual_seed(0)
+    model = MoCoV2(create_backbone("resnet18", channels=(8, 8, 8, 8), stem_width=8), proj_dim=8,
+                   queue_size=16).eval()  # fmt: skip
+    x = torch.randn(8, 3, 32, 32)
+    perm = torch.randperm(8)
+    # in eval mode BatchNorm uses running statistics, so shuffling and splitting must give
+    # exactly the unshuffled keys back, each at its own image's position
+    assert torch.allclose(model.embed_key(x, perm, splits=4), model.embed_key(x), atol=1e-6)
+    model.train()
+    split = model.embed_key(x, perm, splits=4)
+    assert not torch.allclose(split, model.embed_key(x), atol=1e-4)  # train mode: own statistics
+    with pytest.raises(ValueError, match="perm"):
+        model.embed_key(x, torch.randperm(6))
