@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -28,7 +29,9 @@ from mochi_hub.data.sources import (
     load_image_source,
 )
 
-CIFAR_DIR = "/work/shared/data/cifar10"
+# The project's shared/ folder sits beside the checkout (on developer machines and in CI).
+SHARED = Path(os.environ.get("MOCHI_HUB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+CIFAR_DIR = str(SHARED / "data" / "cifar10")
 CORRUPT_NAMES = {"truncated.jpg", "empty.jpg", "notes.png"}
 
 
@@ -339,8 +342,7 @@ def test_raw_pixels_without_metadata_rejected(tmp_path):
 
 
 def test_shared_cifar10_test_split(tmp_path):
-    if not os.path.isdir(CIFAR_DIR):
-        pytest.skip("shared CIFAR-10 copy not available")
+    assert os.path.isdir(CIFAR_DIR), f"the shared CIFAR-10 copy is missing: {CIFAR_DIR}"
     ds = load_image_source(CIFAR_DIR, split="test", cache_dir=str(tmp_path))
     assert len(ds) == 10_000
     assert ds.column_names == ["image", "label"]
@@ -390,10 +392,8 @@ def test_class_subset_filters_and_remaps(tmp_path):
 def test_imagenet100_classes():
     assert len(IMAGENET100_CLASSES) == 100 == len(set(IMAGENET100_CLASSES))
     assert all(c.startswith("n") and len(c) == 9 for c in IMAGENET100_CLASSES)
-    shared = "/work/shared/data/imagenet100/classes.txt"
-    if os.path.exists(shared):
-        with open(shared) as f:
-            assert tuple(line.strip() for line in f if line.strip()) == IMAGENET100_CLASSES
+    with open(SHARED / "data" / "imagenet100" / "classes.txt") as f:
+        assert tuple(line.strip() for line in f if line.strip()) == IMAGENET100_CLASSES
     shuffled = list(IMAGENET100_CLASSES)
     random.Random(0).shuffle(shuffled)
     check_imagenet100(shuffled)
