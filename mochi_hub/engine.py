@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
@@ -48,7 +47,7 @@ from mochi_hub.data import (
 )
 from mochi_hub.data.sampling import EpochSampler, SeededDataset
 from mochi_hub.distributed import gather_no_grad
-from mochi_hub.knn import knn_accuracy
+from mochi_hub.knn import extract_features, knn_accuracy
 from mochi_hub.losses import MixingSpec, contrastive_diagnostics, moco_v2_loss, moco_v3_loss
 from mochi_hub.metrics import alignment, uniformity
 from mochi_hub.moco import MoCoV2, MoCoV3, create_backbone, momentum_cosine
@@ -304,31 +303,15 @@ def _resume(accelerator: Accelerator, cfg: Config, run_dir: Path) -> tuple[Path 
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def _features(accelerator: Accelerator, backbone: nn.Module, loader) -> tuple[Tensor, Tensor]:
-    """Unit-norm features and labels of a sharded loader, gathered from all processes."""
-    feats, labels = [], []
-    for batch in loader:
-        with accelerator.autocast():
-            f = backbone(batch["image"])
-        f = F.normalize(f.float(), dim=1)
-        f, y = accelerator.gather_for_metrics((f, batch["label"]))
-        feats.append(f.cpu())
-        labels.append(y.cpu())
-    return torch.cat(feats), torch.cat(labels)
-
-
 def _knn_eval(accelerator: Accelerator, backbone: nn.Module, loaders, cfg: Config) -> dict:
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        bank_f, bank_y = _features(accelerator, backbone, loaders[0])
-        test_f, test_y = _features(accelerator, backbone, loaders[1])
-    finally:
-        backbone.train(was_training)
-    return knn_accuracy(
-        bank_f, bank_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature
+    kw = dict(
+        device=accelerator.device,
+        gather=accelerator.gather_for_metrics,
+        autocast=accelerator.autocast,
     )
+    bank = extract_features(backbone, loaders[0], **kw)  # sharded, gathered: every image once
+    query = extract_features(backbone, loaders[1], **kw)
+    return knn_accuracy(*bank, *query, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
 
 
 # --------------------------------------------------------------------------- training

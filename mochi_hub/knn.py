@@ -8,7 +8,8 @@ monitors).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ def extract_features(
     device: torch.device | str | None = None,
     image_key: str = "image",
     label_key: str = "label",
+    gather: Callable[[tuple[Tensor, Tensor]], tuple[Tensor, Tensor]] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Tensor, Tensor]:
     """Embed every batch of ``loader`` with ``model`` and L2-normalise the embeddings.
 
@@ -64,6 +67,10 @@ def extract_features(
         device: Where to run the model; defaults to the device of its parameters.
         image_key: Key of the images in dict batches.
         label_key: Key of the labels in dict batches.
+        gather: With a loader sharded over processes, a function collecting each batch's
+            ``(features, labels)`` from all of them (``accelerator.gather_for_metrics``), so
+            that every process returns the whole set once.
+        autocast: Context manager factory for the forward pass (``accelerator.autocast``).
 
     Returns:
         ``(features, labels)``: unit-norm float32 features (M, D) and int64 labels (M,),
@@ -80,7 +87,8 @@ def extract_features(
     try:
         for batch in loader:
             images, y = _split_batch(batch, image_key, label_key)
-            out = model(images.to(device, non_blocking=True))
+            with autocast():
+                out = model(images.to(device, non_blocking=True))
             if not isinstance(out, Tensor):
                 raise TypeError(f"model must return a tensor, got {type(out).__name__}")
             out = out.flatten(1) if out.dim() > 2 else out
@@ -88,8 +96,11 @@ def extract_features(
                 raise ValueError(
                     f"model output {tuple(out.shape)} does not match {y.shape[0]} labels"
                 )
-            feats.append(F.normalize(out.float(), dim=1).cpu())
-            labels.append(y.reshape(-1).long().cpu())
+            out, y = F.normalize(out.float(), dim=1), y.to(out.device).reshape(-1).long()
+            if gather is not None:
+                out, y = gather((out, y))
+            feats.append(out.cpu())
+            labels.append(y.cpu())
     finally:
         for m, mode in modes:
             m.training = mode

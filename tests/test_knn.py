@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,22 @@ def test_knn_on_digits_raw_pixels():
     # measured: top1 94.4, top5 99.7 (360 test images; k = 5 gives 98.6)
     assert acc["top1"] > 92.0 and acc["top5"] > 99.0
     assert knn_accuracy(train, train_labels, test, test_labels, k=5)["top1"] > 97.0
+
+
+def test_extract_features_gathers_each_batch_and_uses_autocast():
+    model = torch.nn.Flatten()
+    loader = [{"image": torch.randn(4, 1, 2, 2), "label": torch.arange(4)} for _ in range(3)]
+    calls = {"gather": 0, "autocast": 0}
+
+    def gather(pair):  # stands in for accelerator.gather_for_metrics over 2 processes
+        calls["gather"] += 1
+        feats, labels = pair
+        return torch.cat([feats, feats]), torch.cat([labels, labels])
+
+    def autocast():
+        calls["autocast"] += 1
+        return contextlib.nullcontext()
+
+    feats, labels = extract_features(model, loader, gather=gather, autocast=autocast)
+    assert calls == {"gather": 3, "autocast": 3}
+    assert feats.shape == (24, 4) and labels.tolist() == [0, 1, 2, 3] * 6
