@@ -498,7 +498,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     mix_desc = f"MoCHi{(x.num_hard, x.num_synthetic, x.num_synthetic_query)}" if spec else "none"
     accelerator.print(
         f"mochi_hub {__version__}: {m_cfg.method}, mixing {mix_desc} | {m_cfg.arch} | "
-        f"{world} process(es) on {accelerator.device} | batch {cfg.data.batch_size} | "
+        f"{world} process(es) on {accelerator.device}, mixed precision "
+        f"{accelerator.mixed_precision} | batch {cfg.data.batch_size} | "
         f"lr {lr:.4g} | {steps_per_epoch} steps/epoch"
     )
     bar = tqdm(

@@ -1,6 +1,7 @@
 """The training engine: exact resume after SIGKILL, atomic checkpoints, NaN stop, shuffle-BN."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mochi_hub import engine
-from mochi_hub.config import load_config
+from mochi_hub.config import ConfigError, load_config
 from mochi_hub.engine import COMPLETE_MARKER, find_checkpoint, pretrain
 from mochi_hub.moco import MoCoV2, create_backbone
 
@@ -182,3 +183,81 @@ def test_split_bn_keys_match_their_images():
     assert not torch.allclose(split, model.embed_key(x), atol=1e-4)  # train mode: own statistics
     with pytest.raises(ValueError, match="perm"):
         model.embed_key(x, torch.randperm(6))
+
+
+def test_each_process_gets_a_distinct_shard_of_every_epoch():
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from mochi_hub.data.sampling import EpochSampler
+
+    size, per_process = 40, 4
+    seen = {}
+    for rank in range(2):
+        sampler = EpochSampler(size, seed=3)
+        loader = prepare_data_loader(
+            DataLoader(list(range(size * 3)), batch_size=per_process, sampler=sampler,
+                       drop_last=True),
+            num_processes=2, process_index=rank, put_on_device=False,
+        )  # fmt: skip
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            seen[rank, epoch] = [i for batch in loader for i in batch.tolist()]
+    for epoch in (0, 1):
+        a, b = set(seen[0, epoch]), set(seen[1, epoch])
+        assert not a & b, "two processes saw the same image in one epoch"
+        assert len(a) == len(b) == size // 2  # fixed global batch: 5 steps of 2 x 4 images
+        assert all(i // size == epoch for i in a | b)  # items carry their epoch
+    assert seen[0, 0] != [i - size for i in seen[0, 1]]  # a new order every epoch
+
+
+@pytest.fixture
+def folder_with_corrupt_images(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 10), ("test", 3)):
+        for label in ("a", "b"):
+            d = tmp_path / "images" / split / label
+            d.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (36, 36, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(d / f"{i}.jpg")
+    bad = tmp_path / "images" / "train" / "a"
+    (bad / "zero_bytes.jpg").write_bytes(b"")
+    good = (bad / "0.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    return tmp_path / "images"
+
+
+def test_corrupt_images_are_skipped_counted_and_bounded(folder_with_corrupt_images, tmp_path):
+    common = [f"data.source={folder_with_corrupt_images}", "data.batch_size=11",
+              "model.queue_size=33", "data.image_size=32", "train.max_steps=2"]  # fmt: skip
+    result = pretrain(_cfg(tmp_path, *common))  # 22 images = 2 batches: every image once
+    assert result.corrupt_images >= 2 and result.steps == 2
+    with pytest.raises(RuntimeError, match="data.max_corrupt=0"):
+        pretrain(_cfg(tmp_path / "strict", *common, "data.max_corrupt=0"))
+
+
+def test_empty_or_missing_data_fails_before_training(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="data source"):
+        pretrain(_cfg(tmp_path, f"data.source={tmp_path / 'empty'}"))
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        pretrain(_cfg(tmp_path, "data.batch_size=2048", "model.queue_size=4096"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bf16_autocast_training_on_cpu(tmp_path):
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}  # what `accelerate launch` sets
+    out = tmp_path / "bf16"
+    proc = subprocess.run(
+        _cmd(out, "data.batch_size=32", "train.max_steps=2", "mixing.start_epoch=0",
+             "optim.clip_grad=1.0"),
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision bf16" in proc.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
