@@ -261,3 +261,18 @@ def test_bf16_autocast_training_on_cpu(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_each_optimizer_takes_a_step_and_changes_only_the_query_encoder(name, tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=1", f"optim.name={name}", "optim.base_lr=0.1",
+               "optim.exclude_bias_and_norm=true")  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    init = engine.build_model(cfg).state_dict()  # the engine seeds the same way
+    result = pretrain(cfg)
+    after = load_file(str(result.checkpoint / "model.safetensors"))
+    assert not torch.equal(after["backbone.conv1.weight"], init["backbone.conv1.weight"])
+    # the momentum encoder only moves by the EMA (m = 0.99): a hundredth of the query's step
+    dq = after["backbone.conv1.weight"] - init["backbone.conv1.weight"]
+    dk = after["momentum_backbone.conv1.weight"] - init["momentum_backbone.conv1.weight"]
+    torch.testing.assert_close(dk, 0.01 * dq, rtol=1e-3, atol=1e-7)

@@ -78,6 +78,10 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int):
         epoch, i = divmod(int(index), len(self.dataset))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_of(self.seed, epoch, i))
+        rng = torch.default_generator  # the CPU generator the transforms draw from
+        saved = rng.get_state()
+        rng.manual_seed(_seed_of(self.seed, epoch, i))  # (torch.manual_seed also seeds devices)
+        try:
             return self.dataset[i]
+        finally:
+            rng.set_state(saved)

@@ -670,11 +670,13 @@ class _RobustBase(torch.utils.data.Dataset):
     def __init__(
         self,
         dataset: Any,
+        transform: Callable,
         *,
         image_column: str = "image",
         label_column: str | None = "label",
         max_tries: int = 10,
     ) -> None:
+        self.transform = transform
         if isinstance(dataset, datasets.IterableDataset | torch.utils.data.IterableDataset):
             raise TypeError("the robust datasets wrap map-style datasets, not iterable ones")
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
@@ -757,20 +759,6 @@ class RobustTwoViewDataset(_RobustBase):
         max_tries: How many consecutive rows to try before raising RuntimeError.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        transform: Callable[[Image.Image | Tensor], tuple[Tensor, Tensor]],
-        *,
-        image_column: str = "image",
-        label_column: str | None = "label",
-        max_tries: int = 10,
-    ) -> None:
-        super().__init__(
-            dataset, image_column=image_column, label_column=label_column, max_tries=max_tries
-        )
-        self.transform = transform
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return ``{"view1", "view2"[, "label"], "corrupt"}`` for row ``index``.
 
@@ -799,20 +787,6 @@ class RobustEvalDataset(_RobustBase):
         label_column: Name of the label column; if None or absent, items carry no "label".
         max_tries: How many consecutive rows to try before raising RuntimeError.
     """
-
-    def __init__(
-        self,
-        dataset: Any,
-        transform: Callable[[Image.Image | Tensor], Tensor],
-        *,
-        image_column: str = "image",
-        label_column: str | None = "label",
-        max_tries: int = 10,
-    ) -> None:
-        super().__init__(
-            dataset, image_column=image_column, label_column=label_column, max_tries=max_tries
-        )
-        self.transform = transform
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Return ``{"image"[, "label"], "corrupt"}`` for row ``index``.
