@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -48,7 +48,13 @@ from mochi_hub.data import (
 from mochi_hub.data.sampling import EpochSampler, SeededDataset
 from mochi_hub.distributed import gather_no_grad
 from mochi_hub.knn import extract_features, knn_accuracy
-from mochi_hub.losses import MixingSpec, contrastive_diagnostics, moco_v2_loss, moco_v3_loss
+from mochi_hub.losses import (
+    ContrastiveOutput,
+    MixingSpec,
+    contrastive_diagnostics,
+    moco_v2_loss,
+    moco_v3_loss,
+)
 from mochi_hub.metrics import alignment, uniformity
 from mochi_hub.moco import MoCoV2, MoCoV3, create_backbone, momentum_cosine
 
@@ -342,6 +348,42 @@ class PretrainResult:
     wall_seconds: float
 
 
+class _StepOutput(NamedTuple):
+    loss: Tensor  # the loss to back-propagate
+    first: ContrastiveOutput  # the (first) InfoNCE term, for the diagnostics
+    q: Tensor  # (B, D) queries of the first view
+    k: Tensor  # (B, D) their positive keys
+    new_keys: Tensor | None  # this process's keys to enqueue (MoCo-v2), or None
+
+
+def _contrastive_step(
+    model: nn.Module,
+    unwrapped: MoCoV2 | MoCoV3,
+    v1: Tensor,
+    v2: Tensor,
+    cfg: Config,
+    mixing: MixingSpec | None,
+    mix_gen: torch.Generator,
+    *,
+    perm: Tensor | None,
+    rank: int,
+) -> _StepOutput:
+    """Forward pass and loss of one step; no state changes (those follow the optimiser step)."""
+    m = cfg.model
+    if m.method == "mocov2":
+        q, k = model(v1, v2, key_perm=perm, key_splits=m.key_bn_splits)
+        out = moco_v2_loss(
+            q, k, unwrapped.queue.keys, temperature=m.temperature, mixing=mixing, generator=mix_gen
+        )
+        return _StepOutput(out.loss, out, q, k, k)
+    # MoCo-v3: symmetric loss over the keys of all processes
+    q1, q2, k1, k2 = model(v1, v2)
+    kw = dict(temperature=m.temperature, rank=rank, mixing=mixing, generator=mix_gen)
+    out1 = moco_v3_loss(q1, gather_no_grad(k2), **kw)
+    out2 = moco_v3_loss(q2, gather_no_grad(k1), **kw)
+    return _StepOutput(out1.loss + out2.loss, out1, q1, k2, None)
+
+
 def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     from datetime import timedelta
 
@@ -535,31 +577,13 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                 if m_cfg.momentum_schedule == "cosine"
                 else m_cfg.momentum
             )
-            if m_cfg.method == "mocov2":
-                perm = None
-                if use_shuffle:
-                    perm = torch.randperm(world * per_process, generator=shuffle_gen).to(device)
-                q, k = model(v1, v2, key_perm=perm, key_splits=m_cfg.key_bn_splits)
-                out = moco_v2_loss(
-                    q,
-                    k,
-                    unwrapped.queue.keys,
-                    temperature=m_cfg.temperature,
-                    mixing=mixing,
-                    generator=mix_gen,
-                )
-                loss, first, new_keys = out.loss, out, k
-            else:
-                q, q2, k1, k = model(v1, v2)
-                out1 = moco_v3_loss(
-                    q, gather_no_grad(k), temperature=m_cfg.temperature, rank=rank,
-                    mixing=mixing, generator=mix_gen,
-                )  # fmt: skip
-                out2 = moco_v3_loss(
-                    q2, gather_no_grad(k1), temperature=m_cfg.temperature, rank=rank,
-                    mixing=mixing, generator=mix_gen,
-                )  # fmt: skip
-                loss, first, new_keys = out1.loss + out2.loss, out1, None
+            perm = None
+            if use_shuffle:
+                perm = torch.randperm(world * per_process, generator=shuffle_gen).to(device)
+            step_out = _contrastive_step(
+                model, unwrapped, v1, v2, cfg, mixing, mix_gen, perm=perm, rank=rank
+            )
+            loss, first, q, k = step_out.loss, step_out.first, step_out.q, step_out.k
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if o.clip_grad is not None:
@@ -569,8 +593,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                 scheduler.step_update(step + 1)
             # Explicit state changes, after the optimiser step, in this order.
             unwrapped.momentum_update(momentum)
-            if new_keys is not None:
-                unwrapped.queue.enqueue(gather_no_grad(new_keys))
+            if step_out.new_keys is not None:
+                unwrapped.queue.enqueue(gather_no_grad(step_out.new_keys))
             step += 1
             step_in_epoch += 1
             images_since_log += cfg.data.batch_size
