@@ -117,7 +117,12 @@ class DataConfig:
         label_column: Label column (used by the kNN monitor); null for unlabelled data.
         class_subset: Keep only these class names; ``imagenet100`` is the CMC subset of
             ImageNet-1k used by the MoCHi paper.
-        streaming: Stream a Hub data set instead of downloading it first.
+        streaming: Stream the training split instead of downloading it first (Hub data sets
+            too large for the disk; local Parquet and image folders stream too). The kNN
+            monitor still loads ``eval_source`` (default: the training source) in full.
+        streaming_size: Number of training images of a streamed split, when its metadata does
+            not say; an epoch is ``streaming_size // batch_size`` steps.
+        shuffle_buffer: Shuffle buffer of a streamed split (0: stream order).
         max_corrupt: Stop when more corrupt images were skipped than this; null: never.
         eval_source: Labelled source of the kNN monitor; the training source when null.
         eval_train_split: Split whose features form the kNN memory bank.
@@ -137,6 +142,8 @@ class DataConfig:
     label_column: str | None = "label"
     class_subset: str | list | None = None
     streaming: bool = False
+    streaming_size: int | None = None
+    shuffle_buffer: int = 10000
     max_corrupt: int | None = None
     eval_source: str | None = None
     eval_train_split: str = "train"
@@ -312,6 +319,13 @@ class Config:
             raise ConfigError(
                 f"model.queue_size ({m.queue_size}) is smaller than the global batch "
                 f"data.batch_size ({d.batch_size})"
+            )
+        if d.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
+        if d.streaming_size is not None and d.streaming_size < d.batch_size:
+            raise ConfigError(
+                f"data.streaming_size ({d.streaming_size}) is smaller than data.batch_size "
+                f"({d.batch_size}): no full batch can be formed"
             )
         if d.max_corrupt is not None and d.max_corrupt < 0:
             raise ConfigError(f"data.max_corrupt must be >= 0 or null, got {d.max_corrupt}")

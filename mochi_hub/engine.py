@@ -27,7 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, send_to_device, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ from mochi_hub.data import (
     load_image_source,
     two_view_transform,
 )
-from mochi_hub.data.sampling import EpochSampler, SeededDataset
+from mochi_hub.data.sampling import EpochSampler, SeededDataset, StreamingViews
 from mochi_hub.distributed import gather_no_grad
 from mochi_hub.knn import extract_features, knn_accuracy
 from mochi_hub.losses import (
@@ -105,7 +105,7 @@ def _class_subset(cfg: Config) -> list[str] | None:
     return list(subset)
 
 
-def _load(cfg: Config, source: str, split: str, label_column: str | None):
+def _load(cfg: Config, source: str, split: str, label_column: str | None, streaming=False):
     d = cfg.data
     try:
         return load_image_source(
@@ -113,7 +113,7 @@ def _load(cfg: Config, source: str, split: str, label_column: str | None):
             split=split,
             image_column=d.image_column,
             label_column=label_column,
-            streaming=False,
+            streaming=streaming,
             class_subset=_class_subset(cfg),
             image_size=d.image_size,
         )
@@ -123,28 +123,55 @@ def _load(cfg: Config, source: str, split: str, label_column: str | None):
 
 @dataclass
 class _Data:
-    train: Any
+    train: Any  # map-style RobustTwoViewDataset, or a StreamingViews
     knn_bank: Any | None
     knn_query: Any | None
+    stream_size: int | None = None  # images of a streamed training split
 
 
-def build_data(cfg: Config) -> _Data:
+def _stream_size(cfg: Config, stream) -> int:
+    if cfg.data.streaming_size is not None:
+        return cfg.data.streaming_size
+    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
+    split = splits.get(cfg.data.split) if hasattr(splits, "get") else None
+    if split is not None and getattr(split, "num_examples", 0):
+        return int(split.num_examples)
+    raise ConfigError(
+        "data.streaming_size is needed: the streamed split does not say how many images it "
+        "holds (an epoch is data.streaming_size // data.batch_size steps)"
+    )
+
+
+def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> _Data:
     """Training set (two views) and the kNN monitor's labelled splits; fails fast on bad data."""
     d = cfg.data
-    if d.streaming:
-        raise ConfigError(
-            "data.streaming is not supported by the training engine yet: the fixed global batch "
-            "and the exact resume need a map-style data set (download it, or use Parquet shards)"
-        )
     views = two_view_transform(
         d.augmentation, d.image_size, mean=d.mean, std=d.std, **d.augmentation_overrides
     )
-    train = RobustTwoViewDataset(_load(cfg, d.source, d.split, None), views)
-    if len(train) < d.batch_size:
-        raise ConfigError(
-            f"data.batch_size ({d.batch_size}) is larger than the training set ({len(train)} "
-            "images): no full batch can be formed"
+    stream_size = None
+    if d.streaming:
+        stream = _load(cfg, d.source, d.split, None, streaming=True)
+        stream_size = _stream_size(cfg, stream)
+        if stream_size < d.batch_size:
+            raise ConfigError(
+                f"data.batch_size ({d.batch_size}) is larger than the streamed training split "
+                f"({stream_size} images)"
+            )
+        train = StreamingViews(
+            stream,
+            views,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=d.shuffle_buffer,
         )
+    else:
+        train = RobustTwoViewDataset(_load(cfg, d.source, d.split, None), views)
+        if len(train) < d.batch_size:
+            raise ConfigError(
+                f"data.batch_size ({d.batch_size}) is larger than the training set "
+                f"({len(train)} images): no full batch can be formed"
+            )
     bank = query = None
     if d.eval_split is not None and d.label_column is not None:
         plain = eval_transform(d.image_size, mean=d.mean, std=d.std, crop_pct=_crop_pct(d))
@@ -155,7 +182,7 @@ def build_data(cfg: Config) -> _Data:
         if cap is not None and cap < len(bank):
             g = torch.Generator().manual_seed(cfg.train.seed)
             bank = Subset(bank, torch.randperm(len(bank), generator=g)[:cap].tolist())
-    return _Data(train, bank, query)
+    return _Data(train, bank, query, stream_size)
 
 
 def _crop_pct(d) -> float:
@@ -348,6 +375,27 @@ class PretrainResult:
     wall_seconds: float
 
 
+def _epoch_batches(accelerator, loader, data: _Data, epoch: int, skip: int, steps: int):
+    """The batches of one epoch after the first ``skip`` ones, on the device."""
+    if data.stream_size is None:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        return
+    data.train.set_epoch(epoch)
+    batches = iter(loader)
+    for i in range(steps):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"process {accelerator.process_index} ran out of streamed data after {i} of "
+                f"{steps} batches in epoch {epoch}: data.streaming_size is larger than the "
+                "stream (each process needs streaming_size / processes images)"
+            ) from None
+        if i >= skip:  # batches seen before a resume are read again, not trained on
+            yield send_to_device(batch, accelerator.device)
+
+
 class _StepOutput(NamedTuple):
     loss: Tensor  # the loss to back-propagate
     first: ContrastiveOutput  # the (first) InfoNCE term, for the diagnostics
@@ -450,7 +498,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         raise ConfigError("model.sync_bn needs GPUs: PyTorch's SyncBatchNorm has no CPU kernel")
 
     # Everything that can fail on bad data fails here, before the model takes any memory.
-    data = build_data(cfg)
+    data = build_data(cfg, rank=rank, world_size=world)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -474,12 +522,24 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         filter_bias_and_bn=o.exclude_bias_and_norm,
         **({"betas": o.betas} if o.name == "adamw" else {}),
     )
-    train_set = SeededDataset(data.train, cfg.train.seed)
-    sampler = EpochSampler(len(train_set), cfg.train.seed)
     per_process = cfg.data.batch_size // world
-    train_loader = _loader(train_set, per_process, sampler, cfg.data.num_workers)
-    prepared = accelerator.prepare(model, optimizer, train_loader)
-    model, optimizer, train_loader = prepared
+    if data.stream_size is None:
+        train_set = SeededDataset(data.train, cfg.train.seed)
+        sampler = EpochSampler(len(train_set), cfg.train.seed)
+        train_loader = _loader(train_set, per_process, sampler, cfg.data.num_workers)
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        steps_per_epoch = len(train_loader)
+    else:  # each process already reads its own part of the stream
+        train_loader = DataLoader(
+            data.train,
+            batch_size=per_process,
+            drop_last=True,
+            num_workers=cfg.data.num_workers,
+            persistent_workers=False,  # a fresh copy each epoch carries the epoch number
+            pin_memory=torch.cuda.is_available(),
+        )
+        model, optimizer = accelerator.prepare(model, optimizer)
+        steps_per_epoch = data.stream_size // cfg.data.batch_size
     knn_loaders = None
     if data.knn_bank is not None:
         knn_loaders = accelerator.prepare(
@@ -489,7 +549,6 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     if cfg.model.compile:
         model = torch.compile(model)
 
-    steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -562,8 +621,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         if scheduler is not None and not per_step:
             scheduler.step(epoch)
         mixing = spec if (spec is not None and epoch >= x.start_epoch) else None
-        train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader = _epoch_batches(accelerator, train_loader, data, epoch, skip, steps_per_epoch)
         step_in_epoch, skip = skip, 0
         model.train()
         for batch in loader:

@@ -82,3 +82,33 @@ def test_accelerate_launch_two_processes_runs_the_engine(tmp_path):
     correct = res["knn_final"]["top1"] * 360 / 100  # digits' held-out split has 360 images
     assert abs(correct - round(correct)) < 1e-6, "padding duplicates were counted"
     assert "kNN top-1 on the held-out split" in proc.stdout
+
+
+def test_two_processes_stream_their_own_parts(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label in ("a", "b"):
+        folder = tmp_path / "images" / "train" / label
+        folder.mkdir(parents=True)
+        for i in range(20):
+            pixels = torch.randint(0, 256, (36, 36, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+        "-m", "mochi_hub", "pretrain", "quickstart", f"train.output_dir={out}",
+        f"data.source={tmp_path / 'images'}", "data.streaming=true", "data.streaming_size=40",
+        "data.batch_size=10", "data.num_workers=0", "data.eval_split=null", "model.queue_size=40",
+        "mixing.num_hard=8", "mixing.num_synthetic=4", "mixing.num_synthetic_query=2",
+        "mixing.start_epoch=0", "train.max_steps=6", "train.log_every=1", "train.log_with=none",
+        "model.backbone_kwargs={channels: [8, 8, 8, 8], stem_width: 8}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "4 steps/epoch" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)

@@ -276,3 +276,46 @@ def test_each_optimizer_takes_a_step_and_changes_only_the_query_encoder(name, tm
     dq = after["backbone.conv1.weight"] - init["backbone.conv1.weight"]
     dk = after["momentum_backbone.conv1.weight"] - init["momentum_backbone.conv1.weight"]
     torch.testing.assert_close(dk, 0.01 * dq, rtol=1e-3, atol=1e-7)
+
+
+def test_streaming_source_trains_counts_corrupt_images_and_resumes_exactly(
+    folder_with_corrupt_images, tmp_path, monkeypatch
+):
+    # 22 files stream (2 of them corrupt): an epoch is 22 // 10 = 2 steps; 5 steps span 3 epochs
+    common = [f"data.source={folder_with_corrupt_images}", "data.streaming=true",
+              "data.streaming_size=22", "data.shuffle_buffer=8", "data.batch_size=10",
+              "model.queue_size=40", "data.image_size=32", "train.max_steps=5",
+              "train.checkpoint_every_steps=1", "mixing.start_epoch=1"]  # fmt: skip
+    straight = pretrain(_cfg(tmp_path / "a", *common))
+    assert straight.steps == 5 and straight.corrupt_images >= 2  # each epoch meets both
+
+    real_save, calls = engine._save_checkpoint, {"n": 0}
+
+    def dying_save(accelerator, run_dir, state, keep):
+        calls["n"] += 1
+        if calls["n"] == 4:  # die while saving step 4, in the middle of epoch 1
+            raise KeyboardInterrupt("killed")
+        return real_save(accelerator, run_dir, state, keep)
+
+    monkeypatch.setattr(engine, "_save_checkpoint", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(tmp_path / "b", *common))
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    resumed = pretrain(_cfg(tmp_path / "b", *common))
+    assert resumed.resumed_from.name == "step_00000003" and resumed.steps == 5
+    a = load_file(str(straight.checkpoint / "model.safetensors"))
+    b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_streaming_needs_its_size(folder_with_corrupt_images, tmp_path):
+    cfg = _cfg(tmp_path, f"data.source={folder_with_corrupt_images}", "data.streaming=true",
+               "data.batch_size=10", "model.queue_size=40")  # fmt: skip
+    with pytest.raises(ConfigError, match="data.streaming_size is needed"):
+        pretrain(cfg)
+    too_big = _cfg(tmp_path, f"data.source={folder_with_corrupt_images}", "data.streaming=true",
+                   "data.streaming_size=60", "data.batch_size=10", "model.queue_size=40",
+                   "train.max_steps=4")  # fmt: skip
+    with pytest.raises(RuntimeError, match="ran out of streamed data"):
+        pretrain(too_big)
