@@ -319,3 +319,28 @@ def test_streaming_needs_its_size(folder_with_corrupt_images, tmp_path):
                    "train.max_steps=4")  # fmt: skip
     with pytest.raises(RuntimeError, match="ran out of streamed data"):
         pretrain(too_big)
+
+
+def test_knn_monitor_runs_every_n_epochs(tmp_path):
+    cfg = _cfg(tmp_path, "data.batch_size=128", "train.max_steps=22", "eval.every_epochs=1",
+               "eval.knn_k=20", "train.log_every=11")  # fmt: skip
+    result = pretrain(cfg)  # 1437 digits / 128 = 11 steps per epoch: 2 epochs
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn/top1" in r]
+    assert [r["step"] for r in knn] == [11]  # after epoch 1; the last epoch ends the run
+    assert 0.0 < knn[0]["knn/top1"] <= 100.0 and knn[0]["knn/top5"] >= knn[0]["knn/top1"]
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_keeps_the_checkpoint_layout(tmp_path):
+    out = tmp_path / "compiled"
+    proc = subprocess.run(
+        _cmd(out, "model.compile=true", "data.batch_size=32", "train.max_steps=2",
+             "model.backbone_kwargs={channels: [8, 8, 8, 8], stem_width: 8}"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    keys = load_file(str(find_checkpoint(out) / "model.safetensors")).keys()
+    assert "queue.keys" in keys and not any("_orig_mod" in k for k in keys)
