@@ -49,22 +49,29 @@ def test_gathers_are_identity_in_one_process():
     assert world_size() == 1 and rank() == 0
 
 
+def _launch_two_cpu_processes(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` with the shipped two-CPU-process topology, then the quickstart."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
+           "-m", "mochi_hub", "pretrain", "quickstart", f"train.output_dir={out}",
+           *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_runs_the_engine(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
-        "-m", "mochi_hub", "pretrain", "quickstart", f"train.output_dir={out}",
+    proc = _launch_two_cpu_processes(
+        out,
         "train.max_steps=60", "train.log_every=20", "train.log_with=none", "eval.at_start=true",
         "eval.at_end=true", "data.batch_size=32", "data.num_workers=0", "mixing.start_epoch=0",
         "model.queue_size=128", "mixing.num_hard=16", "mixing.num_synthetic=8",
         "mixing.num_synthetic_query=4", "train.checkpoint_every_epochs=0",
         "model.backbone_kwargs={channels: [16, 32, 32, 32], stem_width: 16}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )  # fmt: skip
     assert "2 process(es)" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]
@@ -96,19 +103,14 @@ def test_two_processes_stream_their_own_parts(tmp_path):
             pixels = torch.randint(0, 256, (36, 36, 3), generator=g, dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_2proc.yaml"),
-        "-m", "mochi_hub", "pretrain", "quickstart", f"train.output_dir={out}",
+    proc = _launch_two_cpu_processes(
+        out,
         f"data.source={tmp_path / 'images'}", "data.streaming=true", "data.streaming_size=40",
         "data.batch_size=10", "data.num_workers=0", "data.eval_split=null", "model.queue_size=40",
         "mixing.num_hard=8", "mixing.num_synthetic=4", "mixing.num_synthetic_query=2",
         "mixing.start_epoch=0", "train.max_steps=6", "train.log_every=1", "train.log_with=none",
         "model.backbone_kwargs={channels: [8, 8, 8, 8], stem_width: 8}",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )  # fmt: skip
     assert "2 process(es)" in proc.stdout and "4 steps/epoch" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
