@@ -30,6 +30,19 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    from mochi_hub.export import export_backbone
+
+    rows = json.loads(open(args.eval_results).read()) if args.eval_results else None
+    out = export_backbone(
+        args.checkpoint, args.out, repo_id=args.repo_id, eval_results=rows, overwrite=args.overwrite
+    )
+    print(f"exported {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mochi-hub`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -52,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_pretrain)
+
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint's backbone as a Hub-ready folder (safetensors, config, card)",
+    )
+    e.add_argument("checkpoint", help="checkpoint directory, or a run directory (newest one)")
+    e.add_argument("--out", required=True, help="folder to create, named like the Hub repo")
+    e.add_argument("--repo-id", help="Hub repository the folder is for (used in the card)")
+    e.add_argument("--eval-results", help="JSON list of {dataset, split, protocol, metric, value}")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.set_defaults(func=_export)
     return parser
 
 
@@ -65,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"mochi-hub: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        if args.command != "export":
+            raise
+        print(f"mochi-hub export: {e}", file=sys.stderr)
         return 2
 
 
