@@ -20,8 +20,8 @@ ROOT = Path(__file__).parents[1]
 def _torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``script`` as two fresh gloo processes (no fork of this test process)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29541", str(script), *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -64,6 +64,8 @@ def main(out_dir: str) -> None:
         "first_key": first_key,
     }
     Path(out_dir, f"rank{acc.process_index}.json").write_text(json.dumps(result))
+    acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: no gloo thread left running at exit
 
 
 if __name__ == "__main__":
