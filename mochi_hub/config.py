@@ -156,6 +156,11 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    @property
+    def eval_crop_pct(self) -> float:
+        """Centre-crop fraction of evaluation: the built-in digits are already image_size."""
+        return 1.0 if self.source == "digits" else 0.875
+
 
 @dataclass
 class OptimConfig:

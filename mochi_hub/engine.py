@@ -174,7 +174,7 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> _Data:
             )
     bank = query = None
     if d.eval_split is not None and d.label_column is not None:
-        plain = eval_transform(d.image_size, mean=d.mean, std=d.std, crop_pct=_crop_pct(d))
+        plain = eval_transform(d.image_size, mean=d.mean, std=d.std, crop_pct=d.eval_crop_pct)
         source = d.eval_source or d.source
         bank = RobustEvalDataset(_load(cfg, source, d.eval_train_split, d.label_column), plain)
         query = RobustEvalDataset(_load(cfg, source, d.eval_split, d.label_column), plain)
@@ -183,11 +183,6 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> _Data:
             g = torch.Generator().manual_seed(cfg.train.seed)
             bank = Subset(bank, torch.randperm(len(bank), generator=g)[:cap].tolist())
     return _Data(train, bank, query, stream_size)
-
-
-def _crop_pct(d) -> float:
-    # The built-in digits are already image_size pixels: evaluate them whole.
-    return 1.0 if d.source == "digits" else 0.875
 
 
 def _trackers(cfg: Config, run_dir: Path) -> list:
@@ -282,9 +277,10 @@ def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
+        _fsync_tree(tmp)  # every file is on disk before the marker says so
         (tmp / COMPLETE_MARKER).write_text(__version__)
-        _fsync_tree(tmp)
+        _fsync_tree(tmp / COMPLETE_MARKER, recursive=False)
+        _fsync_tree(tmp, recursive=False)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

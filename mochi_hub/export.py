@@ -190,7 +190,7 @@ def export_backbone(
                 "mean": tuple(d.mean),
                 "std": tuple(d.std),
                 "interpolation": "bilinear",  # MoCo's evaluation resize
-                "crop_pct": 1.0 if d.source == "digits" else 0.875,
+                "crop_pct": d.eval_crop_pct,
             },
         )
         (tmp / "training_config.yaml").write_text(
