@@ -9,6 +9,7 @@ It is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from timm.models._hub import save_config_for_hf
 from mochi_hub import __version__
 from mochi_hub.config import Config, config_to_dict, load_config
 
-__all__ = ["export_backbone", "resolve_checkpoint"]
+__all__ = ["export_backbone", "render_card", "resolve_checkpoint", "write_hub_folder"]
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "backbone.md.j2"
 _DATASET_TAGS = {"digits": "sklearn-digits", "ILSVRC/imagenet-1k": "imagenet-1k"}
@@ -71,11 +72,46 @@ def _backbone_state(ckpt: Path, cfg: Config) -> tuple[torch.nn.Module, dict]:
     return model.eval(), {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def _card(
-    cfg: Config, model, name: str, repo_id: str, state: dict, eval_rows: list, pcfg: dict
+def render_card(
+    model: torch.nn.Module,
+    name: str,
+    repo_id: str,
+    pretrained_cfg: dict,
+    *,
+    architecture: str,
+    method: str,
+    mixing: dict | None = None,
+    dataset: str | None = None,
+    epochs: int | None = None,
+    recipe_yaml: str | None = None,
+    eval_rows: list[dict] | None = None,
+    converted_from: str | None = None,
+    base_model: str | None = None,
+    limitations: list[str] | None = None,
 ) -> str:
-    d, m, x = cfg.data, cfg.model, cfg.mixing
-    dataset = _DATASET_TAGS.get(d.source, d.source if "/" in d.source else None)
+    """Render the model card (``model_cards/backbone.md.j2``) through huggingface_hub's ModelCard.
+
+    Args:
+        model: The exported backbone.
+        name: The folder / repository name.
+        repo_id: ``org/name`` used in the usage snippets.
+        pretrained_cfg: The ``pretrained_cfg`` written to ``config.json``.
+        architecture: The stock timm architecture (``resnet50``).
+        method: ``MoCo-v2``, ``MoCo-v3`` or ``MoCo``.
+        mixing: ``{"num_hard", "num_synthetic", "num_synthetic_query", "start_epoch"}`` or None.
+        dataset: The pretraining data set.
+        epochs: Pretraining epochs.
+        recipe_yaml: The resolved training configuration, shown in the card.
+        eval_rows: Rows ``{"dataset", "split", "protocol", "metric", "value"}``.
+        converted_from: The source file of a converted checkpoint.
+        base_model: A Hub id this model derives from.
+        limitations: Extra lines for the limitations section.
+
+    Returns:
+        The card's text (YAML front matter and Markdown).
+    """
+    eval_rows = list(eval_rows or [])
+    tag = _DATASET_TAGS.get(dataset or "", dataset if dataset and "/" in dataset else None)
     results = [
         EvalResult(
             task_type="image-classification",
@@ -102,33 +138,124 @@ def _card(
             "moco",
             "mochi",
         ],
-        datasets=[dataset] if dataset else None,
+        datasets=[tag] if tag else None,
+        base_model=base_model,
         model_name=name,
     )
-    mixing = x if x.enabled and x.num_synthetic + x.num_synthetic_query > 0 else None
+    stock = architecture in _TORCHVISION_BUILDERS and _is_stock(model, architecture)
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         model_id=name,
         repo_id=repo_id,
         description=None,
-        architecture=m.arch,
+        architecture=architecture,
         num_features=model.num_features,
         num_classes=0,
-        method="MoCo-v2" if m.method == "mocov2" else "MoCo-v3",
+        method=method,
         mixing=mixing,
-        dataset=d.source,
-        epochs=state.get("epoch"),
-        input_size=(3, d.image_size, d.image_size),
-        mean=list(d.mean),
-        std=list(d.std),
-        interpolation=pcfg.get("interpolation"),
-        crop_pct=pcfg.get("crop_pct"),
+        dataset=dataset,
+        epochs=epochs,
+        input_size=pretrained_cfg.get("input_size"),
+        mean=list(pretrained_cfg.get("mean", ())),
+        std=list(pretrained_cfg.get("std", ())),
+        interpolation=pretrained_cfg.get("interpolation"),
+        crop_pct=pretrained_cfg.get("crop_pct"),
         mochi_hub_version=__version__,
-        timm_name=f"{m.arch}_mochi" if timm.is_model(f"{m.arch}_mochi") else m.arch,
-        recipe_yaml=yaml.safe_dump(config_to_dict(cfg), sort_keys=False).strip(),
+        timm_name=f"{architecture}_mochi" if timm.is_model(f"{architecture}_mochi") else None,
+        torchvision_builder=architecture if stock else None,
+        recipe_yaml=recipe_yaml,
         eval_rows=eval_rows,
+        converted_from=converted_from,
+        limitations=limitations,
     ).content
+
+
+_TORCHVISION_BUILDERS = ("resnet18", "resnet50")
+
+
+def _is_stock(model: torch.nn.Module, architecture: str) -> bool:
+    """Whether ``model`` has exactly the parameter shapes of the stock timm ``architecture``."""
+    ref = timm.create_model(architecture, num_classes=0, pretrained=False)
+    mine = {k: v.shape for k, v in model.state_dict().items()}
+    return mine == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def write_hub_folder(
+    model: torch.nn.Module,
+    out: str | os.PathLike,
+    *,
+    architecture: str,
+    metadata: dict[str, str],
+    data_config: dict[str, Any],
+    card: dict[str, Any],
+    repo_id: str | None = None,
+    training_config: str | None = None,
+    eval_results: list[dict[str, Any]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a Hub folder, atomically: all files appear together or none does.
+
+    Args:
+        model: The backbone (``num_classes=0``) whose state dict is published.
+        out: The folder to create; its name is the repository name.
+        architecture: The stock timm architecture named in ``config.json``.
+        metadata: safetensors metadata (``format: pt`` is added).
+        data_config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``.
+        card: Keyword arguments of :func:`render_card` besides the model, names and config.
+        repo_id: The Hub repository the folder is meant for (used in the card's snippets).
+        training_config: YAML text written as ``training_config.yaml``.
+        eval_results: Rows ``{"dataset", "split", "protocol", "metric", "value"}``.
+        overwrite: Replace ``out`` if it already exists.
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    name = out.name
+    repo_id = repo_id or f"<org>/{name}"
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
+    try:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", **metadata})
+        save_config_for_hf(
+            model,
+            str(tmp / "config.json"),
+            model_config={"architecture": architecture},
+            data_config=data_config,
+        )
+        if training_config is not None:
+            (tmp / "training_config.yaml").write_text(training_config)
+        rows = list(eval_results or [])
+        if rows:
+            (tmp / "eval_results.json").write_text(json.dumps(rows, indent=2))
+        exported = json.loads((tmp / "config.json").read_text())["pretrained_cfg"]
+        text = render_card(
+            model,
+            name,
+            repo_id,
+            exported,
+            architecture=architecture,
+            eval_rows=rows,
+            **card,
+        )
+        (tmp / "README.md").write_text(text)
+        for f in tmp.iterdir():  # durable before it becomes visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def export_backbone(
@@ -162,50 +289,41 @@ def export_backbone(
     run_dir = ckpt.parent.parent
     cfg = load_config(run_dir / "config.yaml")
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    model, sd = _backbone_state(ckpt, cfg)
-    name = out.name
-    repo_id = repo_id or f"<org>/{name}"
-    mixing = (cfg.mixing.num_hard, cfg.mixing.num_synthetic, cfg.mixing.num_synthetic_query)
+    model, _ = _backbone_state(ckpt, cfg)
+    x, d = cfg.mixing, cfg.data
+    mixing = (x.num_hard, x.num_synthetic, x.num_synthetic_query)
     metadata = {
-        "format": "pt",
         "mochi_hub_version": __version__,
         "architecture": cfg.model.arch,
         "method": cfg.model.method,
         "recipe": cfg.name,
         "epochs": str(state.get("epoch")),
         "steps": str(state.get("step")),
-        "mixing": json.dumps(list(mixing) if cfg.mixing.enabled else None),
+        "mixing": json.dumps(list(mixing) if x.enabled else None),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-    try:
-        save_file(sd, str(tmp / "model.safetensors"), metadata=metadata)
-        d = cfg.data
-        save_config_for_hf(
-            model,
-            str(tmp / "config.json"),
-            model_config={"architecture": cfg.model.arch},
-            data_config={
-                "input_size": (3, d.image_size, d.image_size),
-                "mean": tuple(d.mean),
-                "std": tuple(d.std),
-                "interpolation": "bilinear",  # MoCo's evaluation resize
-                "crop_pct": d.eval_crop_pct,
-            },
-        )
-        (tmp / "training_config.yaml").write_text(
-            yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-        )
-        rows = list(eval_results or [])
-        if rows:
-            (tmp / "eval_results.json").write_text(json.dumps(rows, indent=2))
-        exported = json.loads((tmp / "config.json").read_text())["pretrained_cfg"]
-        card = _card(cfg, model, name, repo_id, state, rows, exported)
-        (tmp / "README.md").write_text(card)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    mixes = x.enabled and x.num_synthetic + x.num_synthetic_query > 0
+    recipe_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return write_hub_folder(
+        model,
+        out,
+        architecture=cfg.model.arch,
+        metadata=metadata,
+        data_config={
+            "input_size": (3, d.image_size, d.image_size),
+            "mean": tuple(d.mean),
+            "std": tuple(d.std),
+            "interpolation": "bilinear",  # MoCo's evaluation resize
+            "crop_pct": d.eval_crop_pct,
+        },
+        card=dict(
+            method="MoCo-v2" if cfg.model.method == "mocov2" else "MoCo-v3",
+            mixing=dataclasses.asdict(x) if mixes else None,
+            dataset=d.source,
+            epochs=state.get("epoch"),
+            recipe_yaml=recipe_yaml.strip(),
+        ),
+        repo_id=repo_id,
+        training_config=recipe_yaml,
+        eval_results=eval_results,
+        overwrite=overwrite,
+    )

@@ -130,7 +130,7 @@ def test_export_refuses_to_overwrite_and_leaves_nothing_behind_on_failure(
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full while writing the card")
 
-    monkeypatch.setattr(export_mod, "_card", broken_card)
+    monkeypatch.setattr(export_mod, "render_card", broken_card)
     target = tmp_path / "half"
     with pytest.raises(RuntimeError, match="disk full"):
         export_backbone(run, target)
