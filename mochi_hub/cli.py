@@ -43,6 +43,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands whose bad input (a missing file, a bad id, a refused overwrite) is reported in one line.
+_USER_ERRORS_OF = {"export", "push", "convert"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mochi-hub`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -90,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mochi-hub: configuration error: {e}", file=sys.stderr)
         return 2
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        if args.command != "export":
+    except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
+        if args.command not in _USER_ERRORS_OF:
             raise
-        print(f"mochi-hub export: {e}", file=sys.stderr)
+        print(f"mochi-hub {args.command}: {e}", file=sys.stderr)
         return 2
 
 
