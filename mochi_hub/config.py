@@ -94,6 +94,8 @@ class MixingConfig:
         max_beta: Upper bound of the query weight in query mixing, in (0, 0.5].
         start_epoch: Warm-up: mixing starts at this epoch (0-based).
         impl: ``fused`` (closed form) or ``explicit`` (materialised reference).
+        oracle: Class-oracle training (the paper's analysis): negatives of the query's own
+            class are masked before the hard-negative selection. Needs labelled training data.
     """
 
     enabled: bool = True
@@ -103,6 +105,7 @@ class MixingConfig:
     max_beta: float = 0.5
     start_epoch: int = 15
     impl: Literal["fused", "explicit"] = "fused"
+    oracle: bool = False
 
 
 @dataclass
@@ -205,6 +208,9 @@ class EvalConfig:
         at_end: Evaluate after training.
         max_train_images: Cap on the kNN memory bank (a fixed, seeded subset); null: all.
         batch_size: Batch size of feature extraction, per process.
+        analysis_top: Window of hardest negatives for the training analysis: the hardness
+            profile (``analysis.jsonl``, per epoch) and, with labelled training data, the
+            share of same-class negatives in it (0: off).
     """
 
     knn_k: int = 200
@@ -214,6 +220,7 @@ class EvalConfig:
     at_end: bool = True
     max_train_images: int | None = None
     batch_size: int = 256
+    analysis_top: int = 1024
 
 
 @dataclass
@@ -295,6 +302,7 @@ class Config:
             "train.checkpoint_every_epochs": t.checkpoint_every_epochs,
             "train.checkpoint_every_steps": t.checkpoint_every_steps,
             "eval.every_epochs": self.eval.every_epochs,
+            "eval.analysis_top": self.eval.analysis_top,
         }
         for key, value in non_negative.items():
             if value < 0:
@@ -307,6 +315,10 @@ class Config:
             raise ConfigError(f"model.momentum must be in [0, 1], got {m.momentum}")
         if not 0.0 < x.max_beta <= 0.5:
             raise ConfigError(f"mixing.max_beta must be in (0, 0.5], got {x.max_beta}")
+        if x.oracle and d.label_column is None:
+            raise ConfigError("mixing.oracle needs labelled training data: set data.label_column")
+        if x.oracle and d.streaming:
+            raise ConfigError("mixing.oracle is not available with data.streaming=true")
         if x.enabled and x.num_synthetic + x.num_synthetic_query > 0:
             if x.num_hard < 1:
                 raise ConfigError("mixing.num_hard must be >= 1 when mixing is enabled")

@@ -52,6 +52,9 @@ from mochi_hub.losses import (
     ContrastiveOutput,
     MixingSpec,
     contrastive_diagnostics,
+    false_negative_mask,
+    false_negative_share,
+    hardness_profile,
     moco_v2_loss,
     moco_v3_loss,
 )
@@ -72,8 +75,13 @@ COLLECTIVE_TIMEOUT_S = int(os.environ.get("MOCHI_HUB_COLLECTIVE_TIMEOUT", "1800"
 # --------------------------------------------------------------------------- builders
 
 
-def build_model(cfg: Config) -> MoCoV2 | MoCoV3:
-    """The MoCo-v2 or MoCo-v3 model of a configuration (random initialisation)."""
+def build_model(cfg: Config, *, queue_labels: bool = False) -> MoCoV2 | MoCoV3:
+    """The MoCo-v2 or MoCo-v3 model of a configuration (random initialisation).
+
+    Args:
+        cfg: The configuration.
+        queue_labels: MoCo-v2's queue also keeps its keys' class labels (analysis, oracle).
+    """
     m = cfg.model
     backbone = create_backbone(m.arch, **dict(m.backbone_kwargs))
     if m.method == "mocov2":
@@ -82,6 +90,7 @@ def build_model(cfg: Config) -> MoCoV2 | MoCoV3:
             proj_dim=m.proj_dim,
             proj_hidden_dim=m.proj_hidden_dim,
             queue_size=m.queue_size,
+            queue_labels=queue_labels,
         )
     return MoCoV3(
         backbone,
@@ -166,7 +175,17 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> _Data:
             shuffle_buffer=d.shuffle_buffer,
         )
     else:
-        train = RobustTwoViewDataset(_load(cfg, d.source, d.split, None), views)
+        # Labels ride along only for the class-oracle analysis and training mode.
+        rows = None
+        if _wants_labels(cfg):
+            try:
+                rows = _load(cfg, d.source, d.split, d.label_column)
+            except ConfigError:
+                if cfg.mixing.oracle:
+                    raise
+        labelled = rows is not None
+        rows = rows if labelled else _load(cfg, d.source, d.split, None)
+        train = RobustTwoViewDataset(rows, views, label_column="label" if labelled else None)
         if len(train) < d.batch_size:
             raise ConfigError(
                 f"data.batch_size ({d.batch_size}) is larger than the training set "
@@ -183,6 +202,13 @@ def build_data(cfg: Config, *, rank: int = 0, world_size: int = 1) -> _Data:
             g = torch.Generator().manual_seed(cfg.train.seed)
             bank = Subset(bank, torch.randperm(len(bank), generator=g)[:cap].tolist())
     return _Data(train, bank, query, stream_size)
+
+
+def _wants_labels(cfg: Config) -> bool:
+    """Whether training batches carry class labels (class-oracle analysis or training)."""
+    d = cfg.data
+    wanted = cfg.mixing.oracle or cfg.eval.analysis_top > 0
+    return wanted and d.label_column is not None and not d.streaming
 
 
 def _trackers(cfg: Config, run_dir: Path) -> list:
@@ -398,6 +424,7 @@ class _StepOutput(NamedTuple):
     q: Tensor  # (B, D) queries of the first view
     k: Tensor  # (B, D) their positive keys
     new_keys: Tensor | None  # this process's keys to enqueue (MoCo-v2), or None
+    same_class: Tensor | None  # (B, C_real) same-class flags of the real logits, or None
 
 
 def _contrastive_step(
@@ -411,21 +438,48 @@ def _contrastive_step(
     *,
     perm: Tensor | None,
     rank: int,
+    labels: Tensor | None = None,
 ) -> _StepOutput:
-    """Forward pass and loss of one step; no state changes (those follow the optimiser step)."""
+    """Forward pass and loss of one step; no state changes (those follow the optimiser step).
+
+    With ``labels`` (B,) the step also marks which negatives share the query's class; in
+    oracle mode (``mixing.oracle``) those are masked before MoCHi's hard-negative selection.
+    """
     m = cfg.model
+    oracle = cfg.mixing.oracle
     if m.method == "mocov2":
         q, k = model(v1, v2, key_perm=perm, key_splits=m.key_bn_splits)
+        queue = unwrapped.queue
+        same = None
+        if labels is not None and queue.labels is not None:
+            same = false_negative_mask(labels, queue.labels)  # (B, K)
         out = moco_v2_loss(
-            q, k, unwrapped.queue.keys, temperature=m.temperature, mixing=mixing, generator=mix_gen
+            q,
+            k,
+            queue.keys,
+            temperature=m.temperature,
+            mixing=mixing,
+            mask=same if oracle else None,
+            generator=mix_gen,
         )
-        return _StepOutput(out.loss, out, q, k, k)
+        if same is not None:  # align with the real logits: the positive's column first
+            same = torch.cat([same.new_zeros(same.shape[0], 1), same], dim=1)
+        return _StepOutput(out.loss, out, q, k, k, same)
     # MoCo-v3: symmetric loss over the keys of all processes
     q1, q2, k1, k2 = model(v1, v2)
-    kw = dict(temperature=m.temperature, rank=rank, mixing=mixing, generator=mix_gen)
+    same = None
+    if labels is not None:
+        same = false_negative_mask(labels, gather_no_grad(labels))  # (B, W * B)
+    kw = dict(
+        temperature=m.temperature,
+        rank=rank,
+        mixing=mixing,
+        mask=same if oracle else None,
+        generator=mix_gen,
+    )
     out1 = moco_v3_loss(q1, gather_no_grad(k2), **kw)
     out2 = moco_v3_loss(q2, gather_no_grad(k1), **kw)
-    return _StepOutput(out1.loss + out2.loss, out1, q1, k2, None)
+    return _StepOutput(out1.loss + out2.loss, out1, q1, k2, None, same)
 
 
 def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -501,7 +555,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     accelerator.init_trackers(cfg.name, config=_flat(config_to_dict(cfg)))
 
     set_seed(cfg.train.seed)  # the same on every rank: identical initial weights and queue
-    model = build_model(cfg)
+    labelled = getattr(data.train, "label_column", None) is not None
+    model = build_model(cfg, queue_labels=labelled)
     if cfg.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
@@ -609,6 +664,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     corrupt = torch.zeros((), dtype=torch.long, device=device)
     checkpoint = resumed_from
     t_log, images_since_log = time.perf_counter(), 0
+    top = cfg.eval.analysis_top
+    analysis_path = run_dir / "analysis.jsonl"
     epoch = start_epoch
     done = step >= total_steps
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -619,9 +676,11 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         mixing = spec if (spec is not None and epoch >= x.start_epoch) else None
         loader = _epoch_batches(accelerator, train_loader, data, epoch, skip, steps_per_epoch)
         step_in_epoch, skip = skip, 0
+        profile_sum, profile_logs = None, 0  # the epoch's hardness profile, on the device
         model.train()
         for batch in loader:
             v1, v2 = batch["view1"], batch["view2"]
+            labels = batch.get("label") if labelled else None
             corrupt += batch["corrupt"].sum()
             if m_cfg.channels_last:
                 v1 = v1.contiguous(memory_format=torch.channels_last)
@@ -635,7 +694,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             if use_shuffle:
                 perm = torch.randperm(world * per_process, generator=shuffle_gen).to(device)
             step_out = _contrastive_step(
-                model, unwrapped, v1, v2, cfg, mixing, mix_gen, perm=perm, rank=rank
+                model, unwrapped, v1, v2, cfg, mixing, mix_gen, perm=perm, rank=rank, labels=labels
             )
             loss, first, q, k = step_out.loss, step_out.first, step_out.q, step_out.k
             optimizer.zero_grad(set_to_none=True)
@@ -648,7 +707,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             # Explicit state changes, after the optimiser step, in this order.
             unwrapped.momentum_update(momentum)
             if step_out.new_keys is not None:
-                unwrapped.queue.enqueue(gather_no_grad(step_out.new_keys))
+                new_labels = gather_no_grad(labels) if labels is not None else None
+                unwrapped.queue.enqueue(gather_no_grad(step_out.new_keys), new_labels)
             step += 1
             step_in_epoch += 1
             images_since_log += cfg.data.batch_size
@@ -682,6 +742,13 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                     "train/uniformity": uniformity(q).item(),
                     **{f"train/{name}": v.item() for name, v in stats.items()},
                 }
+                if top > 0:
+                    profile = hardness_profile(first, top)
+                    profile_sum = profile if profile_sum is None else profile_sum + profile
+                    profile_logs += 1
+                    if step_out.same_class is not None:
+                        share = false_negative_share(first, step_out.same_class, top)
+                        logs["train/false_neg_share_topn"] = share.item()
                 accelerator.log(logs, step=step)
                 bar.set_postfix(
                     loss=f"{mean_loss:.3f}", lr=f"{logs['train/lr']:.3g}", img_s=f"{ips:.0f}"
@@ -700,6 +767,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                 break
 
         finished_epoch = step_in_epoch == steps_per_epoch
+        if profile_sum is not None and accelerator.is_main_process:
+            _append_analysis(analysis_path, epoch, step, profile_sum / profile_logs, profile_logs)
         every = cfg.train.checkpoint_every_epochs
         save = done or (finished_epoch and every and (epoch + 1) % every == 0)
         save = save or (
@@ -754,6 +823,18 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     accelerator.print(f"run directory: {run_dir} | checkpoint: {checkpoint} | {wall:.0f} s")
     accelerator.end_training()
     return result
+
+
+def _append_analysis(path: Path, epoch: int, step: int, profile: Tensor, logs: int) -> None:
+    """One ``analysis.jsonl`` line per epoch: the hardness profile (the paper's Fig. 2a)."""
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "logged_steps": logs,
+        "hardness_profile": [round(v, 8) for v in profile.float().cpu().tolist()],
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _trainer_state(

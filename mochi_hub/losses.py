@@ -19,6 +19,9 @@ __all__ = [
     "ContrastiveOutput",
     "MixingSpec",
     "contrastive_diagnostics",
+    "false_negative_mask",
+    "false_negative_share",
+    "hardness_profile",
     "moco_v2_loss",
     "moco_v3_loss",
 ]
@@ -142,6 +145,7 @@ def moco_v3_loss(
     temperature: float,
     rank: int = 0,
     mixing: MixingSpec | None = None,
+    mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ContrastiveOutput:
     """One direction of MoCo-v3's symmetric loss, ``ctr(q, k)``, scaled by 2T.
@@ -155,6 +159,8 @@ def moco_v3_loss(
         temperature: Softmax temperature T.
         rank: This process's rank; its positives sit at columns ``rank * B + i``.
         mixing: MoCHi settings; None (or s = s' = 0) gives plain MoCo-v3.
+        mask: Optional (B, W * B) bool; True keys are never picked as hard negatives (the
+            positive is always excluded).
         generator: Source of MoCHi's randomness.
 
     Returns:
@@ -166,9 +172,9 @@ def moco_v3_loss(
     labels = torch.arange(batch, device=q.device) + rank * batch  # (B,)
     sims = torch.einsum("bd,kd->bk", q, k_all)  # (B, W * B)
     columns = [sims]
-    mask = None
     if mixing is not None and mixing.num_points > 0:
-        mask = F.one_hot(labels, k_all.shape[0]).bool()  # the positive is no negative
+        positive = F.one_hot(labels, k_all.shape[0]).bool()  # the positive is no negative
+        mask = positive if mask is None else mask | positive
     syn = _with_synthetic(q, k_all, sims, mixing, mask, generator)
     if syn is not None:
         columns.append(syn)
@@ -218,3 +224,73 @@ def contrastive_diagnostics(
     else:
         stats["proxy_acc"] = stats["proxy_acc_real"]
     return stats
+
+
+def _real_negative_logits(out: ContrastiveOutput) -> Tensor:
+    """(B, C_real) real logits (positive and real negatives) with each positive set to -inf."""
+    logits = out.logits.detach()
+    real = logits[:, : logits.shape[1] - out.num_synthetic].clone()
+    rows = torch.arange(real.shape[0], device=real.device)
+    real[rows, out.labels] = float("-inf")
+    return real
+
+
+def false_negative_mask(labels: Tensor, negative_labels: Tensor) -> Tensor:
+    """Which negatives share the query's class (the class oracle).
+
+    Args:
+        labels: (B,) class labels of the queries.
+        negative_labels: (K,) class labels of the negatives; -1 marks an unknown label.
+
+    Returns:
+        (B, K) bool, True where the negative is of the query's class.
+    """
+    known = negative_labels >= 0
+    return (labels[:, None] == negative_labels[None, :]) & known[None, :]
+
+
+@torch.no_grad()
+def hardness_profile(out: ContrastiveOutput, top: int = 1024) -> Tensor:
+    """The paper's Fig. 2a: softmax probability of each query's hardest negatives, averaged.
+
+    The softmax is the one of the real logits (positive and real negatives, without MoCHi's
+    synthetic points), so MoCo and MoCHi runs are compared on the same distribution.
+
+    Args:
+        out: A loss output.
+        top: How many of the most probable negatives to keep per query.
+
+    Returns:
+        (min(top, C_real - 1),) mean over queries of the sorted (descending) probabilities.
+    """
+    logits = out.logits.detach().float()
+    real = logits[:, : logits.shape[1] - out.num_synthetic]
+    probs = real.softmax(dim=1)
+    rows = torch.arange(real.shape[0], device=real.device)
+    probs[rows, out.labels] = -1.0  # the positive is not a negative
+    k = min(top, real.shape[1] - 1)
+    return probs.topk(k, dim=1, sorted=True).values.mean(dim=0)
+
+
+@torch.no_grad()
+def false_negative_share(out: ContrastiveOutput, same_class: Tensor, top: int = 1024) -> Tensor:
+    """Share (%) of same-class points among each query's ``top`` hardest real negatives.
+
+    Args:
+        out: A loss output.
+        same_class: (B, C_real) bool aligned with the real columns of ``out.logits`` (see
+            :func:`false_negative_mask`); the positive's column is ignored.
+        top: Size of the window of hardest negatives.
+
+    Returns:
+        0-dim tensor, the mean over queries in percent.
+    """
+    real = _real_negative_logits(out)
+    if same_class.shape != real.shape:
+        raise ValueError(
+            f"same_class must have the shape of the real logits {tuple(real.shape)}, "
+            f"got {tuple(same_class.shape)}"
+        )
+    k = min(top, real.shape[1] - 1)
+    idx = real.topk(k, dim=1, sorted=False).indices
+    return same_class.gather(1, idx).float().mean() * 100

@@ -95,6 +95,7 @@ class MoCoV2(_MomentumModel):
         proj_hidden_dim: Hidden width of the MLP head; the backbone width when None.
         queue_size: Number K of negatives in the queue (65536).
         generator: Optional generator for the queue's random initial keys.
+        queue_labels: The queue also keeps the class labels of its keys (analysis, oracle).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class MoCoV2(_MomentumModel):
         proj_hidden_dim: int | None = None,
         queue_size: int = 65536,
         generator: torch.Generator | None = None,
+        queue_labels: bool = False,
     ) -> None:
         super().__init__()
         width = int(backbone.num_features)
@@ -112,7 +114,9 @@ class MoCoV2(_MomentumModel):
         self.projector = mocov2_projector(width, proj_hidden_dim or width, proj_dim)
         self.momentum_backbone = _freeze_copy(backbone)
         self.momentum_projector = _freeze_copy(self.projector)
-        self.queue = MemoryQueue(queue_size, proj_dim, generator=generator)
+        self.queue = MemoryQueue(
+            queue_size, proj_dim, generator=generator, track_labels=queue_labels
+        )
 
     def _momentum_pairs(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         yield self.backbone, self.momentum_backbone
