@@ -111,6 +111,8 @@ def render_card(
         The card's text (YAML front matter and Markdown).
     """
     eval_rows = list(eval_rows or [])
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    pretraining = f"MoCHi (hard negative mixing) on top of {method}" if mixing else method
     tag = _DATASET_TAGS.get(dataset or "", dataset if dataset and "/" in dataset else None)
     results = [
         EvalResult(
@@ -129,7 +131,7 @@ def render_card(
         eval_results=results or None,
         library_name="timm",
         license="mit",
-        pipeline_tag="image-feature-extraction",
+        pipeline_tag="image-classification" if num_classes else "image-feature-extraction",
         tags=[
             "image-feature-extraction",
             "timm",
@@ -148,10 +150,10 @@ def render_card(
         template_path=str(TEMPLATE),
         model_id=name,
         repo_id=repo_id,
-        description=None,
+        description=f"A {architecture} backbone pretrained without labels by {pretraining}.",
         architecture=architecture,
         num_features=model.num_features,
-        num_classes=0,
+        num_classes=num_classes,
         method=method,
         mixing=mixing,
         dataset=dataset,
@@ -162,7 +164,7 @@ def render_card(
         interpolation=pretrained_cfg.get("interpolation"),
         crop_pct=pretrained_cfg.get("crop_pct"),
         mochi_hub_version=__version__,
-        timm_name=f"{architecture}_mochi" if timm.is_model(f"{architecture}_mochi") else None,
+        timm_name=_registered_name(repo_id),
         torchvision_builder=architecture if stock else None,
         recipe_yaml=recipe_yaml,
         eval_rows=eval_rows,
@@ -172,6 +174,14 @@ def render_card(
 
 
 _TORCHVISION_BUILDERS = ("resnet18", "resnet50")
+
+
+def _registered_name(repo_id: str) -> str | None:
+    """The registered ``arch.tag`` whose weights live in ``repo_id``, if there is one."""
+    for name in timm.list_pretrained("*_mochi*"):
+        if timm.models.get_pretrained_cfg(name).hf_hub_id == repo_id:
+            return name
+    return None
 
 
 def _is_stock(model: torch.nn.Module, architecture: str) -> bool:
