@@ -88,6 +88,7 @@ def render_card(
     converted_from: str | None = None,
     base_model: str | None = None,
     limitations: list[str] | None = None,
+    images: dict[str, str] | None = None,
 ) -> str:
     """Render the model card (``model_cards/backbone.md.j2``) through huggingface_hub's ModelCard.
 
@@ -106,6 +107,7 @@ def render_card(
         converted_from: The source file of a converted checkpoint.
         base_model: A Hub id this model derives from.
         limitations: Extra lines for the limitations section.
+        images: ``{file name in the repo: caption}`` of images shown in the card.
 
     Returns:
         The card's text (YAML front matter and Markdown).
@@ -170,10 +172,12 @@ def render_card(
         eval_rows=eval_rows,
         converted_from=converted_from,
         limitations=limitations,
+        images=images or {},
     ).content
 
 
 _TORCHVISION_BUILDERS = ("resnet18", "resnet50")
+_RESERVED = ("model.safetensors", "config.json", "README.md")
 
 
 def _registered_name(repo_id: str) -> str | None:
@@ -202,6 +206,7 @@ def write_hub_folder(
     repo_id: str | None = None,
     training_config: str | None = None,
     eval_results: list[dict[str, Any]] | None = None,
+    images: dict[str, tuple[str | os.PathLike, str]] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a Hub folder, atomically: all files appear together or none does.
@@ -216,6 +221,8 @@ def write_hub_folder(
         repo_id: The Hub repository the folder is meant for (used in the card's snippets).
         training_config: YAML text written as ``training_config.yaml``.
         eval_results: Rows ``{"dataset", "split", "protocol", "metric", "value"}``.
+        images: ``{name in the folder: (source file, caption)}``: PNG images copied into the
+            folder and shown in the card (e.g. the training curves of ``mochi-hub report``).
         overwrite: Replace ``out`` if it already exists.
 
     Returns:
@@ -223,8 +230,16 @@ def write_hub_folder(
 
     Raises:
         FileExistsError: If ``out`` exists and ``overwrite`` is False.
+        FileNotFoundError: If an image does not exist.
+        ValueError: If an image name is not a plain ``.png`` file name.
     """
     out = Path(out)
+    images = dict(images or {})
+    for name, (source, _) in images.items():
+        if Path(name).name != name or not name.endswith(".png") or name in _RESERVED:
+            raise ValueError(f"image name {name!r} must be a plain .png file name")
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"image {source} not found")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
     name = out.name
@@ -245,6 +260,8 @@ def write_hub_folder(
         rows = list(eval_results or [])
         if rows:
             (tmp / "eval_results.json").write_text(json.dumps(rows, indent=2))
+        for name, (source, _) in images.items():
+            shutil.copyfile(source, tmp / name)
         exported = json.loads((tmp / "config.json").read_text())["pretrained_cfg"]
         text = render_card(
             model,
@@ -253,6 +270,7 @@ def write_hub_folder(
             exported,
             architecture=architecture,
             eval_rows=rows,
+            images={name: caption for name, (_, caption) in images.items()},
             **card,
         )
         (tmp / "README.md").write_text(text)
@@ -274,6 +292,7 @@ def export_backbone(
     *,
     repo_id: str | None = None,
     eval_results: list[dict[str, Any]] | None = None,
+    training_curves: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the query backbone of a training checkpoint as a Hub-ready folder.
@@ -283,6 +302,7 @@ def export_backbone(
         out: The folder to create.
         repo_id: The Hub repository the folder is meant for (used in the card's snippets).
         eval_results: Rows ``{"dataset", "split", "protocol", "metric", "value"}`` for the card.
+        training_curves: A PNG of the training curves (``mochi-hub report``) shown in the card.
         overwrite: Replace ``out`` if it already exists.
 
     Returns:
@@ -335,5 +355,10 @@ def export_backbone(
         repo_id=repo_id,
         training_config=recipe_yaml,
         eval_results=eval_results,
+        images=(
+            {"training_curves.png": (training_curves, "Training curves (mochi-hub report)")}
+            if training_curves is not None
+            else None
+        ),
         overwrite=overwrite,
     )

@@ -162,3 +162,50 @@ def test_oracle_mode_needs_labels(tmp_path):
             "quickstart",
             [f"train.output_dir={tmp_path}", "mixing.oracle=true", "data.label_column=null"],
         )
+
+
+def test_report_draws_curves_and_profiles_and_the_card_embeds_them(tmp_path):
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    from mochi_hub.cli import main
+    from mochi_hub.export import export_backbone
+    from mochi_hub.report import read_analysis, read_metrics
+
+    runs = []
+    for name, extra in (("moco", ["mixing.enabled=false"]), ("mochi", [])):
+        run = tmp_path / name
+        cfg = load_config(
+            "quickstart",
+            [f"train.output_dir={run}", "train.max_steps=6", "eval.analysis_top=16",
+             *TINY, "eval.at_end=true", *extra],
+        )  # fmt: skip
+        cfg.data.batch_size = 256  # 5 steps per epoch: two epochs of analysis
+        cfg.model.queue_size = 512
+        pretrain(cfg)
+        runs.append(run)
+    metrics = read_metrics(runs[1])
+    assert [s for s, _ in metrics["train/loss"]] == list(range(1, 7))
+    assert "knn/top1" in metrics and "train/syn_share_topn" in metrics
+    assert "train/syn_share_topn" not in read_metrics(runs[0])  # the baseline has no synthetics
+    assert [r["epoch"] for r in read_analysis(runs[1])] == [0, 1]
+
+    out = tmp_path / "report"
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    for name in ("training_curves.png", "hardness_profile.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size[0] > 500
+            colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+            assert colours is None or len(colours) > 20  # something was drawn, not a blank page
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+    export = export_backbone(
+        runs[1], tmp_path / "resnet18_mochi.digits", training_curves=out / "training_curves.png"
+    )
+    assert (export / "training_curves.png").read_bytes() == (
+        out / "training_curves.png"
+    ).read_bytes()
+    assert (
+        "![Training curves (mochi-hub report)](training_curves.png)"
+        in ModelCard.load(export / "README.md").text
+    )
