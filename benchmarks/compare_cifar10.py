@@ -5,7 +5,7 @@ Pretrains both methods for every seed with ``benchmarks/cifar10/mochi.yaml`` (th
 probe (``mochi-hub eval``) on the test split, and writes the table with mean and spread over the
 seeds to ``benchmarks/results/cifar10_mocov2_vs_mochi.{json,md}`` with the commands that made it.
 
-    python benchmarks/compare_cifar10.py --seeds 0 1 2            # pretrain + evaluate (~1.5 h)
+    python benchmarks/compare_cifar10.py --seeds 0 1 2            # pretrain + evaluate (~1 h)
     python benchmarks/compare_cifar10.py --seeds 0 1 2 --phase eval   # evaluate finished runs
 
 Runs are resumable: a finished pretraining run (``results.json`` present) is not repeated.
@@ -70,7 +70,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 def main() -> int:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--phase", choices=["all", "pretrain", "eval"], default="all")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10_compare")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
