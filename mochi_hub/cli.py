@@ -123,6 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
             lr=args.lr,
             batch_size=args.batch_size,
             milestones=args.milestones,
+            crop_scale=args.crop_scale,
         )
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.spec)
     out = Path(args.out) if args.out else output_dir / f"eval_{args.protocol}.json"
@@ -297,6 +298,10 @@ def _add_eval_parser(sub) -> None:
     v.add_argument("--lr", type=float, help="linear: lr (per 256 images for mocov3_vit)")
     v.add_argument("--batch-size", type=int, help="linear: global batch size")
     v.add_argument("--milestones", type=int, nargs="+", metavar="EPOCH", help="linear: lr steps")
+    v.add_argument(
+        "--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+        help="linear: RandomResizedCrop area range (default 0.08 1)",
+    )  # fmt: skip
     v.add_argument("--resume", default="auto", help="linear: auto, none or a checkpoint")
     v.add_argument("--max-steps", type=int, help="linear: stop after this many steps")
     v.add_argument("--eval-batch-size", type=int, default=256, help="per process (default 256)")
