@@ -61,7 +61,7 @@ from mochi_hub.losses import (
 from mochi_hub.metrics import alignment, uniformity
 from mochi_hub.moco import MoCoV2, MoCoV3, create_backbone, momentum_cosine
 
-__all__ = ["PretrainResult", "build_model", "find_checkpoint", "pretrain"]
+__all__ = ["PretrainResult", "build_model", "find_checkpoint", "pretrain", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +288,16 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(done, key=_checkpoint_step) if done else None
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
-    """Save atomically: write under a temporary name, fsync, mark complete, then rename."""
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+    """Save ``accelerator``'s state as ``<run_dir>/checkpoints/step_XXXXXXXX``, atomically.
+
+    Written under a temporary name, fsynced, marked complete and renamed; only the newest
+    ``keep`` complete checkpoints are kept. ``state`` (with its ``step``) is written as
+    ``trainer_state.json``.
+
+    Returns:
+        The checkpoint directory.
+    """
     root = run_dir / CHECKPOINT_DIR
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp_step_{state['step']:08d}"
@@ -759,7 +767,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                 state = _trainer_state(
                     epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
                 )
-                checkpoint = _save_checkpoint(
+                checkpoint = save_checkpoint(
                     accelerator, run_dir, state, cfg.train.keep_checkpoints
                 )
             if step >= total_steps:
@@ -784,7 +792,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                     epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
                 )
             )
-            checkpoint = _save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+            checkpoint = save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
         monitor = cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0
         if monitor and knn_loaders is not None and not done:
             acc = _knn_eval(accelerator, unwrapped.backbone, knn_loaders, cfg)

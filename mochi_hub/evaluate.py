@@ -93,7 +93,7 @@ def _run_data_config(cfg) -> dict[str, Any]:
 
 def _from_checkpoint(path: Path, timm_kwargs: dict) -> tuple[nn.Module, dict]:
     from mochi_hub.config import load_config
-    from mochi_hub.export import _backbone_state, resolve_checkpoint
+    from mochi_hub.export import load_checkpoint_backbone, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     config = ckpt.parent.parent / "config.yaml"
@@ -103,7 +103,7 @@ def _from_checkpoint(path: Path, timm_kwargs: dict) -> tuple[nn.Module, dict]:
     if timm_kwargs.pop("num_classes", 0) != 0:
         raise ValueError("an evaluated backbone has no classifier: num_classes must be 0")
     cfg.model.backbone_kwargs = {**cfg.model.backbone_kwargs, **timm_kwargs}
-    model, _ = _backbone_state(ckpt, cfg)
+    model, _ = load_checkpoint_backbone(ckpt, cfg)
     data_config = _run_data_config(cfg)
     # later timm.data.resolve_model_data_config(model) calls see the run's preprocessing
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **data_config}

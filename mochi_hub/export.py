@@ -27,7 +27,13 @@ from timm.models._hub import save_config_for_hf
 from mochi_hub import __version__
 from mochi_hub.config import Config, config_to_dict, load_config
 
-__all__ = ["export_backbone", "render_card", "resolve_checkpoint", "write_hub_folder"]
+__all__ = [
+    "export_backbone",
+    "load_checkpoint_backbone",
+    "render_card",
+    "resolve_checkpoint",
+    "write_hub_folder",
+]
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "backbone.md.j2"
 _DATASET_TAGS = {"digits": "sklearn-digits", "ILSVRC/imagenet-1k": "imagenet-1k"}
@@ -50,7 +56,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return found
 
 
-def _backbone_state(ckpt: Path, cfg: Config) -> tuple[torch.nn.Module, dict]:
+def load_checkpoint_backbone(ckpt: Path, cfg: Config) -> tuple[torch.nn.Module, dict]:
+    """The query backbone of a training checkpoint, verified against ``cfg``'s architecture.
+
+    Returns:
+        The model (eval mode, no classifier) and its contiguous state dict.
+
+    Raises:
+        ValueError: If the checkpoint holds no backbone or it does not match the architecture.
+    """
     state = load_file(str(ckpt / "model.safetensors"))
     sd = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if not sd:
@@ -319,7 +333,7 @@ def export_backbone(
     run_dir = ckpt.parent.parent
     cfg = load_config(run_dir / "config.yaml")
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    model, _ = _backbone_state(ckpt, cfg)
+    model, _ = load_checkpoint_backbone(ckpt, cfg)
     x, d = cfg.mixing, cfg.data
     mixing = (x.num_hard, x.num_synthetic, x.num_synthetic_query)
     metadata = {

@@ -417,7 +417,7 @@ def train_linear(
             another run.
         RuntimeError: If the backbone's weights or BatchNorm statistics changed.
     """
-    from mochi_hub.engine import _save_checkpoint
+    from mochi_hub.engine import save_checkpoint
     from mochi_hub.evaluate import eval_loader, weights_fingerprint
 
     settings.validate()
@@ -493,7 +493,7 @@ def train_linear(
         done = step_in_epoch == steps_per_epoch
         epoch, step_in_epoch = (epoch + 1, 0) if done else (epoch, step_in_epoch)
         state.update(epoch=epoch, step_in_epoch=step_in_epoch, step=step)
-        checkpoint = _save_checkpoint(accelerator, run_dir, dict(state), keep_checkpoints)
+        checkpoint = save_checkpoint(accelerator, run_dir, dict(state), keep_checkpoints)
     bar.close()
 
     unwrapped = accelerator.unwrap_model(head)

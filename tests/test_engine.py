@@ -93,7 +93,7 @@ def _cfg(tmp_path, *extra):
 
 def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, "train.max_steps=3", "train.checkpoint_every_steps=1")
-    real_save = engine._save_checkpoint
+    real_save = engine.save_checkpoint
     calls = {"n": 0}
 
     def dying_save(accelerator, run_dir, state, keep):
@@ -105,12 +105,12 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
             raise KeyboardInterrupt("killed during checkpoint write")
         return real_save(accelerator, run_dir, state, keep)
 
-    monkeypatch.setattr(engine, "_save_checkpoint", dying_save)
+    monkeypatch.setattr(engine, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg)
     run = tmp_path / "run"
     assert find_checkpoint(run).name == "step_00000001"  # the partial one is ignored
-    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     result = pretrain(cfg)  # resume=auto picks step 1, finishes at step 3
     assert result.resumed_from.name == "step_00000001" and result.steps == 3
     assert not list((run / "checkpoints").glob(".tmp*"))
@@ -289,7 +289,7 @@ def test_streaming_source_trains_counts_corrupt_images_and_resumes_exactly(
     straight = pretrain(_cfg(tmp_path / "a", *common))
     assert straight.steps == 5 and straight.corrupt_images >= 2  # each epoch meets both
 
-    real_save, calls = engine._save_checkpoint, {"n": 0}
+    real_save, calls = engine.save_checkpoint, {"n": 0}
 
     def dying_save(accelerator, run_dir, state, keep):
         calls["n"] += 1
@@ -297,10 +297,10 @@ def test_streaming_source_trains_counts_corrupt_images_and_resumes_exactly(
             raise KeyboardInterrupt("killed")
         return real_save(accelerator, run_dir, state, keep)
 
-    monkeypatch.setattr(engine, "_save_checkpoint", dying_save)
+    monkeypatch.setattr(engine, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
         pretrain(_cfg(tmp_path / "b", *common))
-    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     resumed = pretrain(_cfg(tmp_path / "b", *common))
     assert resumed.resumed_from.name == "step_00000003" and resumed.steps == 5
     a = load_file(str(straight.checkpoint / "model.safetensors"))
