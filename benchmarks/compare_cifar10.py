@@ -8,6 +8,12 @@ seeds to ``benchmarks/results/cifar10_mocov2_vs_mochi.{json,md}`` with the comma
     python benchmarks/compare_cifar10.py --seeds 0 1 2            # pretrain + evaluate (~1 h)
     python benchmarks/compare_cifar10.py --seeds 0 1 2 --phase eval   # evaluate finished runs
 
+On 2 cores the fastest way is one method per process, one thread each, in parallel::
+
+    OMP_NUM_THREADS=1 python benchmarks/compare_cifar10.py --phase pretrain --methods mocov2 &
+    OMP_NUM_THREADS=1 python benchmarks/compare_cifar10.py --phase pretrain --methods mochi
+    python benchmarks/compare_cifar10.py --phase eval
+
 Runs are resumable: a finished pretraining run (``results.json`` present) is not repeated.
 Needs ../shared/data/cifar10 (Parquet) beside the checkout; see its README (lossy JPEG copies:
 compare the methods with each other, not with published CIFAR-10 numbers).
@@ -70,7 +76,14 @@ def _summary(values: list[float]) -> dict[str, float]:
 def main() -> int:  # noqa: D103
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="pretrain only these (e.g. one method per process, in parallel, one thread each)",
+    )
     p.add_argument("--phase", choices=["all", "pretrain", "eval"], default="all")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10_compare")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -82,7 +95,7 @@ def main() -> int:  # noqa: D103
     table: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
     per_run = []
     for seed in args.seeds:
-        for method in METHODS:
+        for method in args.methods:
             run = args.runs / f"{method}_seed{seed}"
             if args.phase in ("all", "pretrain") and not (run / "results.json").is_file():
                 _run(pretrain_cmd(method, seed, run, args.epochs), log)
