@@ -61,7 +61,15 @@ from mochi_hub.losses import (
 from mochi_hub.metrics import alignment, uniformity
 from mochi_hub.moco import MoCoV2, MoCoV3, create_backbone, momentum_cosine
 
-__all__ = ["PretrainResult", "build_model", "find_checkpoint", "pretrain", "save_checkpoint"]
+__all__ = [
+    "PretrainResult",
+    "build_model",
+    "build_optimizer",
+    "find_checkpoint",
+    "pretrain",
+    "save_checkpoint",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -490,6 +498,89 @@ def _contrastive_step(
     return _StepOutput(out1.loss + out2.loss, out1, q1, k2, None, same)
 
 
+def train_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    unwrapped: MoCoV2 | MoCoV3,
+    optimizer: torch.optim.Optimizer,
+    v1: Tensor,
+    v2: Tensor,
+    cfg: Config,
+    mixing: MixingSpec | None,
+    mix_gen: torch.Generator,
+    *,
+    perm: Tensor | None,
+    momentum: float,
+    labels: Tensor | None = None,
+) -> _StepOutput:
+    """One optimiser step of pretraining, the body of the engine's loop (no logging).
+
+    Forward and loss (:func:`_contrastive_step`), backward, optional gradient clipping and the
+    optimiser step; then the explicit state changes, in this order: the momentum update of the
+    key encoder and (MoCo-v2) the enqueue of every process's keys (with their labels when the
+    queue keeps them). No host-device synchronisation.
+
+    Args:
+        accelerator: The run's Accelerator.
+        model: The prepared (possibly DDP-wrapped or compiled) model.
+        unwrapped: The same model unwrapped (its queue and momentum encoder).
+        optimizer: The prepared optimiser.
+        v1: Query views (B, 3, H, W) of this process.
+        v2: Key views (B, 3, H, W).
+        cfg: The configuration.
+        mixing: MoCHi's settings this step (None during the warm-up or for the baseline).
+        mix_gen: MoCHi's generator.
+        perm: Shuffle-BN permutation of the global batch, or None.
+        momentum: Momentum of the key-encoder update.
+        labels: (B,) class labels when the analysis or the oracle needs them.
+
+    Returns:
+        The step's loss, first InfoNCE output, queries and keys.
+    """
+    step_out = _contrastive_step(
+        model,
+        unwrapped,
+        v1,
+        v2,
+        cfg,
+        mixing,
+        mix_gen,
+        perm=perm,
+        rank=accelerator.process_index,
+        labels=labels,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(step_out.loss)
+    if cfg.optim.clip_grad is not None:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+    optimizer.step()
+    unwrapped.momentum_update(momentum)
+    if step_out.new_keys is not None:
+        new_labels = gather_no_grad(labels) if labels is not None else None
+        unwrapped.queue.enqueue(gather_no_grad(step_out.new_keys), new_labels)
+    return step_out
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, float]:
+    """The optimiser of a configuration (timm's factory) and its peak learning rate.
+
+    The learning rate scales linearly with the global batch (``base_lr * batch / 256``); with
+    ``optim.exclude_bias_and_norm`` biases and normalisation weights get no weight decay.
+    """
+    o = cfg.optim
+    lr = o.base_lr * cfg.data.batch_size / 256
+    optimizer = create_optimizer_v2(
+        model,
+        opt=o.name,
+        lr=lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        filter_bias_and_bn=o.exclude_bias_and_norm,
+        **({"betas": o.betas} if o.name == "adamw" else {}),
+    )
+    return optimizer, lr
+
+
 def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     from datetime import timedelta
 
@@ -501,7 +592,10 @@ def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         log_with=_trackers(cfg, run_dir),
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # Batches go to the GPU with non-blocking copies from pinned memory: no host wait.
+        dataloader_config=DataLoaderConfiguration(
+            even_batches=True, non_blocking=torch.cuda.is_available()
+        ),
         kwargs_handlers=[
             # The queue and the momentum encoder's BatchNorm statistics are kept identical on
             # every rank by the engine; DDP must not broadcast them each step.
@@ -509,6 +603,13 @@ def _make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
             InitProcessGroupKwargs(timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)),
         ],
     )
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the GPU."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _loader(dataset, batch_size: int, sampler, workers: int) -> DataLoader:
@@ -571,16 +672,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
         model = model.to(memory_format=torch.channels_last)
 
     o = cfg.optim
-    lr = o.base_lr * cfg.data.batch_size / 256
-    optimizer = create_optimizer_v2(
-        model,
-        opt=o.name,
-        lr=lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        filter_bias_and_bn=o.exclude_bias_and_norm,
-        **({"betas": o.betas} if o.name == "adamw" else {}),
-    )
+    optimizer, lr = build_optimizer(cfg, model)
     per_process = cfg.data.batch_size // world
     if data.stream_size is None:
         train_set = SeededDataset(data.train, cfg.train.seed)
@@ -700,23 +792,25 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             )
             perm = None
             if use_shuffle:
-                perm = torch.randperm(world * per_process, generator=shuffle_gen).to(device)
-            step_out = _contrastive_step(
-                model, unwrapped, v1, v2, cfg, mixing, mix_gen, perm=perm, rank=rank, labels=labels
+                perm = torch.randperm(world * per_process, generator=shuffle_gen)
+                perm = _to_device(perm, device)
+            step_out = train_step(
+                accelerator,
+                model,
+                unwrapped,
+                optimizer,
+                v1,
+                v2,
+                cfg,
+                mixing,
+                mix_gen,
+                perm=perm,
+                momentum=momentum,
+                labels=labels,
             )
             loss, first, q, k = step_out.loss, step_out.first, step_out.q, step_out.k
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if o.clip_grad is not None:
-                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
             if scheduler is not None and per_step:
                 scheduler.step_update(step + 1)
-            # Explicit state changes, after the optimiser step, in this order.
-            unwrapped.momentum_update(momentum)
-            if step_out.new_keys is not None:
-                new_labels = gather_no_grad(labels) if labels is not None else None
-                unwrapped.queue.enqueue(gather_no_grad(step_out.new_keys), new_labels)
             step += 1
             step_in_epoch += 1
             images_since_log += cfg.data.batch_size

@@ -77,7 +77,8 @@ def test_accelerate_launch_two_processes_runs_the_engine(tmp_path):
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [20, 40, 60]
     assert all(math.isfinite(r["train/loss"]) for r in train)
-    assert train[-1]["train/loss"] < train[0]["train/loss"]  # falling (the run is deterministic)
+    # No check that the loss falls: over 60 steps the queue fills with ever better keys and the
+    # InfoNCE value drifts either way with float rounding; the kNN gain below is the learning test.
     ckpt = out / "checkpoints" / "step_00000060"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "model.safetensors").exists()
     # each rank saved its own RNG state

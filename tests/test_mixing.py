@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mochi_hub.mixing as mixing_module
 from mochi_hub.mixing import (
     MixingDraws,
     draw_mixing,
     hardest_negatives,
+    mixed_pair_norms,
     mochi_logits,
     pair_dot_products,
 )
@@ -825,3 +827,281 @@ def test_draw_order_is_pair_index_alpha_query_index_beta(dtype):
     assert torch.equal(d.alpha, alpha)
     assert torch.equal(d.query_index, query_index)
     assert torch.equal(d.beta, beta)
+
+
+# --------------------------------------------------------------------------------------------
+# 13. grouped CPU selection (hardest_negatives on long rows)
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_valid_top_k(scores: torch.Tensor, idx: torch.Tensor, k: int) -> None:
+    """``idx`` (B, k) holds k distinct columns per row whose values are the k largest."""
+    assert idx.shape == (scores.shape[0], k) and idx.dtype == torch.long
+    assert (torch.sort(idx, dim=1).values.diff(dim=1) > 0).all()  # distinct
+    picked = torch.sort(scores.gather(1, idx), dim=1).values
+    expected = torch.sort(scores.topk(k, dim=1).values, dim=1).values
+    assert torch.equal(picked, expected)
+
+
+def _grouped_depth(n: int, k: int) -> int:
+    depth = 0
+    while n % mixing_module._GROUP == 0 and n >= mixing_module._GROUP_MIN_RATIO * k:
+        n //= mixing_module._GROUP
+        depth += 1
+    return depth
+
+
+@pytest.mark.parametrize(
+    ("batch", "pool", "k", "depth"),
+    [(5, 1024, 4, 2), (3, 4096, 8, 3), (4, 256, 4, 1), (6, 130, 4, 0), (2, 1024, 1, 3)],
+)
+@pytest.mark.parametrize("kind", ["distinct", "ties", "all_equal", "masked"])
+def test_grouped_selection_picks_the_top_k_values(batch, pool, k, depth, kind):
+    assert _grouped_depth(pool, k) == depth  # the cases cover 0 to 3 grouping levels
+    g = gen(41)
+    if kind == "distinct":
+        scores = torch.randn(batch, pool, generator=g, dtype=F64)
+    elif kind == "ties":  # few distinct values: ties straddle the k-th value
+        scores = torch.randint(0, 5, (batch, pool), generator=g).to(F64)
+    elif kind == "all_equal":
+        scores = torch.full((batch, pool), 0.25, dtype=F64)
+    else:
+        scores = torch.randn(batch, pool, generator=g, dtype=F64)
+    mask = None
+    if kind == "masked":  # mask the true top 2k and a random tenth of the rest
+        mask = torch.rand(batch, pool, generator=g) < 0.1
+        mask.scatter_(1, scores.topk(2 * k, dim=1).indices, True)
+    idx = hardest_negatives(scores, k, mask)
+    reference = scores if mask is None else scores.masked_fill(mask, float("-inf"))
+    _assert_valid_top_k(reference, idx, k)
+    if mask is not None:
+        assert not mask.gather(1, idx).any()
+
+
+def test_grouped_selection_on_a_non_contiguous_view_and_float32():
+    wide = torch.randn(4, 2048 + 3, generator=gen(5))
+    scores = wide[:, 3:]  # (4, 2048), row stride 2051
+    assert not scores.is_contiguous()
+    idx = hardest_negatives(scores, 16)
+    _assert_valid_top_k(scores, idx, 16)
+    assert torch.equal(idx, hardest_negatives(scores.contiguous(), 16))
+
+
+def test_grouped_selection_is_deterministic_and_matches_topk_sets_at_scale():
+    """The in1k shape ratio (K = 64 N) on a small batch: same set as torch.topk (no ties)."""
+    scores = torch.randn(3, 8192, generator=gen(6))
+    idx = hardest_negatives(scores, 128)
+    assert torch.equal(idx, hardest_negatives(scores, 128))
+    ref = scores.topk(128, dim=1, sorted=False).indices
+    assert torch.equal(torch.sort(idx, dim=1).values, torch.sort(ref, dim=1).values)
+
+
+@pytest.mark.parametrize(("s", "sp"), COUNTS, ids=COUNT_IDS)
+def test_explicit_and_fused_agree_with_grouped_selection(s, sp):
+    """pool >= 32 N: the grouped selection runs; both impls still agree in float64."""
+    n_hard, pool = 4, 256
+    assert _grouped_depth(pool, n_hard) >= 1
+    z, negatives = make_inputs(batch=5, pool=pool, dim=16, seed=9)
+    weights = torch.randn(5, s + sp, generator=gen(10), dtype=F64)
+    results = {}
+    for impl in ("explicit", "fused"):
+        z.grad = None
+        q = F.normalize(z, dim=1)
+        out = mochi_logits(
+            q,
+            negatives,
+            q @ negatives.T,
+            num_hard=n_hard,
+            num_synthetic=s,
+            num_synthetic_query=sp,
+            generator=gen(),
+            impl=impl,
+        )
+        (weights * out).sum().backward()
+        results[impl] = (out.detach(), z.grad.clone())
+    (l_e, g_e), (l_f, g_f) = results["explicit"], results["fused"]
+    assert (l_e - l_f).abs().max() <= 1e-12
+    assert (g_e - g_f).abs().max() <= 1e-12
+    draws = draws_for(5, n_hard, s, sp)
+    ref = reference_logits(F.normalize(z, dim=1), negatives, n_hard, draws)
+    assert (l_f - ref).abs().max() <= 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# 14. chunked mixed-pair norms and the fused path's chunking
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5, 2 * 5 + 1, 7 * 5, 10**9])
+def test_mixed_pair_norms_chunked_equals_unchunked_exactly(chunk_elements):
+    batch, count, pool, dim = 3, 11, 13, 5
+    negatives = torch.randn(pool, dim, generator=gen(1), dtype=F64)
+    pairs = torch.randint(pool, (batch, count, 2), generator=gen(2))
+    alpha = torch.rand(batch, count, generator=gen(3), dtype=F64)
+    out = mixed_pair_norms(negatives, pairs, alpha, chunk_elements=chunk_elements)
+    assert out.shape == (batch, count) and out.dtype == F64
+    assert torch.equal(out, mixed_pair_norms(negatives, pairs, alpha))
+    for b in range(batch):
+        for s in range(count):
+            a = float(alpha[b, s])
+            h = a * negatives[pairs[b, s, 0]] + (1 - a) * negatives[pairs[b, s, 1]]
+            assert abs(float(out[b, s]) - math.sqrt(float(torch.dot(h, h)))) <= 1e-12
+
+
+def test_mixed_pair_norms_low_precision_rows_give_float32():
+    negatives = F.normalize(torch.randn(9, 16, generator=gen(4)), dim=1)
+    pairs = torch.randint(9, (2, 5, 2), generator=gen(5))
+    alpha = torch.rand(2, 5, generator=gen(6))
+    out = mixed_pair_norms(negatives.bfloat16(), pairs, alpha)
+    assert out.dtype == torch.float32
+    ref = mixed_pair_norms(negatives.bfloat16().float(), pairs, alpha)
+    assert torch.equal(out, ref)  # the rows are upcast, the math runs in float32
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 8 * 3 + 1, 8 * 17])
+def test_pair_dot_products_do_not_depend_on_chunking(chunk_elements):
+    negatives = torch.randn(13, 8, generator=gen(1), dtype=F64)
+    idx_i = torch.randint(13, (4, 9), generator=gen(2))
+    idx_j = torch.randint(13, (4, 9), generator=gen(3))
+    out = pair_dot_products(negatives, idx_i, idx_j, chunk_elements=chunk_elements)
+    assert torch.equal(out, pair_dot_products(negatives, idx_i, idx_j))
+    expected = (negatives[idx_i] * negatives[idx_j]).sum(-1)
+    assert (out - expected).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 8 + 1, 10**9])
+def test_fused_logits_and_grad_do_not_depend_on_chunk_size(monkeypatch, chunk_elements):
+    z, negatives = make_inputs(batch=4, pool=24, dim=8, seed=12)
+    weights = torch.randn(4, 9, generator=gen(13), dtype=F64)
+
+    def run():
+        z.grad = None
+        q = F.normalize(z, dim=1)
+        out = mochi_logits(
+            q, negatives, num_hard=6, num_synthetic=5, num_synthetic_query=4, generator=gen()
+        )
+        (weights * out).sum().backward()
+        return out.detach(), z.grad.clone()
+
+    reference = run()
+    monkeypatch.setattr(mixing_module, "_PAIR_CHUNK_ELEMENTS", chunk_elements)
+    chunked = run()
+    assert torch.equal(chunked[0], reference[0])
+    assert torch.equal(chunked[1], reference[1])
+
+
+# --------------------------------------------------------------------------------------------
+# 15. fused backward: both routes, no double counting, nothing of size (B, S, D) saved
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_hard", "s", "sp"),
+    [(6, 5, 4), (20, 3, 2), (20, 0, 3), (20, 4, 0)],
+    ids=["per_hard_set", "drawn_rows", "drawn_query_only", "drawn_pairs_only"],
+)
+def test_fused_backward_routes_match_explicit(n_hard, s, sp):
+    """N < 2S + S': weights summed per hard negative; otherwise per drawn row."""
+    z, negatives = make_inputs(batch=4, pool=30, dim=8, seed=14)
+    weights = torch.randn(4, s + sp, generator=gen(15), dtype=F64)
+    grads = {}
+    for impl in ("explicit", "fused"):
+        z.grad = None
+        out = mochi_logits(
+            F.normalize(z, dim=1),
+            negatives,
+            num_hard=n_hard,
+            num_synthetic=s,
+            num_synthetic_query=sp,
+            generator=gen(),
+            impl=impl,
+        )
+        (weights * out).sum().backward()
+        grads[impl] = z.grad.clone()
+    assert grads["explicit"].abs().max() > 1e-3
+    assert (grads["explicit"] - grads["fused"]).abs().max() <= 1e-12
+
+
+def test_fused_gradient_is_not_doubled_through_grad_carrying_neg_logits():
+    """The fused path reads neg_logits' values only; its gradient goes straight to q."""
+    z, negatives = make_inputs(seed=16)
+    grads = []
+    for detach in (False, True):
+        z.grad = None
+        q = F.normalize(z, dim=1)
+        neg_logits = q @ negatives.T
+        out = mochi_logits(
+            q,
+            negatives,
+            neg_logits.detach() if detach else neg_logits,
+            num_hard=6,
+            num_synthetic=5,
+            num_synthetic_query=4,
+            generator=gen(),
+        )
+        out.sum().backward()
+        grads.append(z.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_fused_saves_nothing_of_size_b_s_d_for_backward():
+    batch, pool, dim, n_hard, s, sp = 8, 64, 32, 16, 40, 24
+    z, negatives = make_inputs(batch=batch, pool=pool, dim=dim, seed=17)
+    q = F.normalize(z, dim=1)
+    neg_logits = q @ negatives.T
+    for impl, expect_big in (("fused", False), ("explicit", True)):
+        sizes: list[int] = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = mochi_logits(
+                q,
+                negatives,
+                neg_logits,
+                num_hard=n_hard,
+                num_synthetic=s,
+                num_synthetic_query=sp,
+                generator=gen(),
+                impl=impl,
+            )
+        out.sum().backward(retain_graph=True)
+        big = batch * s * dim  # the size of one (B, S, D) tensor
+        assert (max(sizes) >= big) is expect_big, (impl, max(sizes), big)
+
+
+# --------------------------------------------------------------------------------------------
+# 16. autocast and check_inputs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["explicit", "fused"])
+def test_cpu_bf16_autocast_gives_float32_logits_close_to_float32(impl):
+    z, negatives = make_inputs(batch=4, pool=40, dim=16, seed=18, dtype=torch.float32)
+    kw = dict(num_hard=8, num_synthetic=6, num_synthetic_query=5, impl=impl)
+    q = F.normalize(z, dim=1)
+    ref = mochi_logits(q, negatives, q @ negatives.T, generator=gen(), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        neg_logits = q @ negatives.T  # bf16 under autocast, as in a training step
+        assert neg_logits.dtype == torch.bfloat16
+        out = mochi_logits(q, negatives, neg_logits, generator=gen(), **kw)
+    if impl == "fused":
+        assert out.dtype == torch.float32
+    out.float().sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    # bf16 logits may reorder near-ties in the selection: compare only if the sets agree
+    hard32 = hardest_negatives(q @ negatives.T, 8)
+    hard16 = hardest_negatives(neg_logits, 8)
+    if torch.equal(hard32, hard16):
+        assert (out.float() - ref).abs().max() < 2e-2
+
+
+def test_check_inputs_rejects_inconsistent_neg_logits():
+    q, n, kw = _base_args()
+    good = q @ n.T
+    out = mochi_logits(q, n, good, check_inputs=True, **kw)
+    assert out.shape == (3, 4)
+    with pytest.raises(ValueError, match="neg_logits must equal query @ negatives.T"):
+        mochi_logits(q, n, good + 0.1, check_inputs=True, **kw)

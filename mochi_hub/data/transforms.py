@@ -1,10 +1,24 @@
-"""Two-view (contrastive) and evaluation image transforms on the torchvision v2 uint8 path.
+"""Two-view (contrastive) and evaluation image transforms on the torchvision v2 tensor path.
 
-Every image is decoded and converted to RGB once, turned into a uint8 CHW tensor, cropped,
-resized and colour-augmented while still uint8, and converted to float32 only at the end,
-right before ``Normalize``. Presets follow MoCo-v2 ``--aug-plus`` (both views alike) and
-MoCo-v3 / BYOL (asymmetric views); the ``*_small`` presets are their 32-px variants without
-Gaussian blur (as in the SimCLR / MoCo CIFAR set-ups).
+Every image is decoded and converted to RGB once and turned into a uint8 CHW tensor. The
+training views are cropped and resized (``RandomResizedCrop``) while still uint8, then
+converted to float32 in [0, 1] right after the crop, so that colour jitter, greyscale, blur,
+solarisation, flip and ``Normalize`` all run on float32: torchvision's brightness, contrast
+and saturation kernels are several times faster on float than on uint8, the hue step uses a
+closed-form HSV rotation (:func:`adjust_hue_float`, through :class:`FastColorJitter`) and the
+blur a truncated separable filter (:class:`SeparableGaussianBlur`); both agree with
+torchvision's float kernels to ~1e-5.
+
+Consequence: colour operations no longer round to uint8 between steps. The random parameters
+(drawn from torch's global generator in the same order and number) and the crops are those of
+the former all-uint8 pipeline, and a view differs from that pipeline's by its rounding only:
+torchvision's uint8 colour kernels truncate after every step, so the former views were on
+average ~1.5 / 255 darker (mean absolute difference ~1.4 / 255, a few / 255 at most). The
+evaluation transform resizes and centre-crops in uint8 and converts at the end.
+
+Presets follow MoCo-v2 ``--aug-plus`` (both views alike) and MoCo-v3 / BYOL (asymmetric
+views); the ``*_small`` presets are their 32-px variants without Gaussian blur (as in the
+SimCLR / MoCo CIFAR set-ups).
 
 All callables here are plain classes (no closures), so they pickle into DataLoader workers
 under every start method.
@@ -14,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -32,9 +47,11 @@ __all__ = [
     "SeparableGaussianBlur",
     "EvalBatchTransform",
     "EvalTransform",
+    "FastColorJitter",
     "TwoViewBatchTransform",
     "TwoViewTransform",
     "ViewAugmentation",
+    "adjust_hue_float",
     "blur_kernel_size",
     "eval_batch_transform",
     "eval_transform",
@@ -55,7 +72,13 @@ _INTERPOLATIONS: Mapping[str, v2.InterpolationMode] = MappingProxyType(
         "bicubic": v2.InterpolationMode.BICUBIC,
     }
 )
-_SOLARIZE_THRESHOLD_UINT8 = 128  # PIL ImageOps.solarize default, as in MoCo-v3 / BYOL
+# PIL ImageOps.solarize's default 128 (MoCo-v3 / BYOL) on [0, 1] floats: float32(k / 255) >=
+# float32(128 / 255) exactly when k >= 128, so uint8 pixels converted by ToDtype are inverted
+# exactly as PIL (and torchvision's uint8 solarize with threshold 128) would invert them.
+_SOLARIZE_THRESHOLD = 128 / 255
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# hue (in sixths, [0, 6)) to R, G, B: clamp(sign * |h - center| + offset, 0, 1)
+_HUE_TO_RGB = ((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _I16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -229,13 +252,78 @@ def gaussian_blur_matrix(
     return m.index_put_((rows, cols), w.expand(n, kernel_size), accumulate=True)
 
 
+def _truncated_gaussian(radius: int, sigma: float) -> list[float]:
+    """Weights of torchvision's Gaussian kernel at offsets -radius..radius, renormalised."""
+    w = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
+    total = math.fsum(w)
+    return [v / total for v in w]
+
+
+def _reflect_pad(x: Tensor, dim: int, radius: int) -> Tensor:
+    """``x`` padded by ``radius`` < its size along ``dim`` on both sides by mirror reflection.
+
+    The same as ``torch.nn.functional.pad(..., mode="reflect")``, which is ~4x slower along
+    the last dimension on CPU.
+    """
+    n = x.shape[dim]
+    shape = list(x.shape)
+    shape[dim] = n + 2 * radius
+    out = x.new_empty(shape)
+    out.narrow(dim, radius, n).copy_(x)
+    out.narrow(dim, 0, radius).copy_(x.narrow(dim, 1, radius).flip(dim))
+    out.narrow(dim, radius + n, radius).copy_(x.narrow(dim, n - 1 - radius, radius).flip(dim))
+    return out
+
+
+def _blur_axis(x: Tensor, dim: int, kernel_size: int, sigma: float) -> Tensor:
+    """1-D Gaussian blur of a float tensor (N, H, W) along ``dim`` (-1: W, -2: H).
+
+    The kernel is truncated at radius ``min(kernel_size // 2, ceil(4 * sigma))`` and
+    renormalised (the dropped tail weighs < 1e-4 of the kernel), and the blur is a sum of
+    shifted copies of the reflect-padded signal. A radius that reflection padding cannot
+    provide (radius >= the signal length) falls back to :func:`gaussian_blur_matrix`, with
+    the full kernel.
+
+    Args:
+        x: Float tensor of shape (N, H, W).
+        dim: -1 to blur along W, -2 to blur along H.
+        kernel_size: Odd kernel size k of the untruncated kernel.
+        sigma: Standard deviation in pixels (> 0).
+
+    Returns:
+        A new tensor of the shape and dtype of ``x``.
+    """
+    n = x.shape[dim]
+    radius = min(kernel_size // 2, math.ceil(4.0 * sigma))
+    if radius == 0:
+        return x.clone()
+    if radius >= n:
+        m = gaussian_blur_matrix(n, kernel_size, sigma, device=x.device).to(x.dtype)  # (n, n)
+        return x @ m.T if dim == -1 else m @ x
+    weights = _truncated_gaussian(radius, sigma)
+    xp = _reflect_pad(x, dim, radius)
+    out = xp.narrow(dim, 0, n) * weights[0]
+    for j in range(1, 2 * radius + 1):
+        out.add_(xp.narrow(dim, j, n), alpha=weights[j])
+    return out
+
+
 class SeparableGaussianBlur(v2.GaussianBlur):
-    """``v2.GaussianBlur`` computed as two small matrix products (same result up to rounding).
+    """``v2.GaussianBlur`` computed separably, much faster on CPU (same result up to ~1e-5).
 
     torchvision convolves with the full k x k kernel through a depthwise convolution, which is
-    slow on CPU for the 23 x 23 kernel of 224-px images (~11 ms); blurring rows and columns
-    with reflect-padded banded matrices (``B_h @ img @ B_w.T``) takes ~2 ms and matches it
-    to +-1 on uint8. Arguments, sampling of sigma and non-tensor inputs are those of
+    slow on CPU for the 23 x 23 kernel of 224-px images (~11 ms). Here:
+
+    * float images are blurred along W, then H, each as a sum of shifted copies of the
+      reflect-padded image, with the kernel truncated at radius ``min(k // 2, ceil(4 sigma))``
+      and renormalised (~0.3-1.2 ms at 224 px; at most ~1e-5 from ``v2.GaussianBlur`` on
+      [0, 1] images, the mass of the dropped tail). Along an axis no longer than that
+      radius, the matrix product below (with the full kernel) is used instead;
+    * uint8 images are blurred with reflect-padded banded matrices (``B_h @ img @ B_w.T``,
+      ~2-3 ms, the full kernel) and rounded back, matching torchvision to +-1.
+
+    Reflection extends to kernels wider than the image (where torchvision's padding would
+    raise). Arguments, sampling of sigma and non-tensor inputs are those of
     ``v2.GaussianBlur``.
     """
 
@@ -255,15 +343,113 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         sigma_x, sigma_y = params["sigma"]
         k_x, k_y = self.kernel_size
         h, w = inpt.shape[-2:]
-        fp = torch.is_floating_point(inpt)
         x = inpt.as_subclass(Tensor)
-        x = x if fp else x.to(torch.float32)
-        b_h = gaussian_blur_matrix(h, k_y, sigma_y, device=x.device).to(x.dtype)  # (H, H)
-        b_w = gaussian_blur_matrix(w, k_x, sigma_x, device=x.device).to(x.dtype)  # (W, W)
-        out = b_h @ x @ b_w.T  # (..., C, H, W)
-        if not fp:
-            out = out.round_().clamp_(0, 255).to(inpt.dtype)
+        if torch.is_floating_point(x):
+            out = _blur_axis(x.reshape(-1, h, w), -1, k_x, sigma_x)
+            out = _blur_axis(out, -2, k_y, sigma_y).reshape(x.shape)
+        else:
+            xf = x.to(torch.float32)
+            b_h = gaussian_blur_matrix(h, k_y, sigma_y, device=x.device)  # (H, H)
+            b_w = gaussian_blur_matrix(w, k_x, sigma_x, device=x.device)  # (W, W)
+            out = (b_h @ xf @ b_w.T).round_().clamp_(0, 255).to(x.dtype)  # (..., C, H, W)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+
+
+def adjust_hue_float(image: Tensor, hue_factor: float) -> Tensor:
+    """Rotate the hue of a float RGB image in closed form; ``v2.functional.adjust_hue`` values.
+
+    torchvision converts to HSV, shifts H and converts back with a gather over six sectors
+    (~5 ms for a 224-px image on one CPU thread). The same map is computed here directly:
+    with V = max, m = min and C = V - m (chroma) over the channels, the hue in sixths is
+    ``(G - B) / C``, ``(B - R) / C + 2`` or ``(R - G) / C + 4`` as R, G or B is the maximum
+    (R first, then G, on ties, as torchvision and PIL), is shifted by ``6 * hue_factor`` modulo
+    6 to H', and the output channels are ``m + C * clamp(f(H'), 0, 1)`` with
+    ``f = |H' - 3| - 1``, ``2 - |H' - 2|``, ``2 - |H' - 4|`` for R, G, B. The sector is
+    selected with float 0/1 indicators (``sign(V - R)``, ...), as bool masks and
+    ``torch.where`` are slow on CPU; the whole step takes ~0.5 ms at 224 px. Results agree
+    with torchvision to ~2e-6 on [0, 1] images, grey pixels (C == 0, left unchanged)
+    included.
+
+    Args:
+        image: Float tensor (..., 1 | 3, H, W) with values in [0, 1] (a plain tensor or a
+            ``tv_tensors.Image``). One-channel images are returned unchanged, as in PIL.
+        hue_factor: Shift of the hue channel, in turns, in [-0.5, 0.5].
+
+    Returns:
+        A plain tensor of the shape and dtype of ``image`` with the hue shifted (``image``
+        itself, as given, for one channel, no pixels or ``hue_factor == 0``). float16 and
+        bfloat16 are computed in float32.
+
+    Raises:
+        ValueError: If ``hue_factor`` is outside [-0.5, 0.5].
+        TypeError: If ``image`` is not floating point or has neither 1 nor 3 channels.
+    """
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    if not torch.is_floating_point(image):
+        raise TypeError(f"adjust_hue_float expects a float image, got {image.dtype}")
+    if image.ndim < 3 or image.shape[-3] not in (1, 3):
+        raise TypeError(f"expected an image (..., 1 | 3, H, W), got shape {tuple(image.shape)}")
+    if image.shape[-3] == 1 or image.numel() == 0 or hue_factor == 0:
+        return image
+    x = image.as_subclass(Tensor)
+    x = x.float() if x.dtype in _LOW_PRECISION else x
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)  # (aminmax over dim -3 is ~30x slower)
+    chroma = maxc - minc
+    inv = chroma.clamp_min(torch.finfo(x.dtype).tiny).reciprocal_()  # grey: 0 * finite
+    not_r = (maxc - r).sign_()  # 0 where R is the maximum, else 1
+    is_g = (maxc - g).sign_().neg_().add_(1.0).mul_(not_r)  # G is the maximum and R is not
+    is_b = not_r - is_g
+    # C * hue in sixths = is_r (G - B) + is_g (B - R + 2C) + is_b (R - G + 4C)
+    h = (g - b).mul_(not_r.neg().add_(1.0))
+    h.addcmul_(is_g, (b - r).add_(chroma, alpha=2.0))
+    h.addcmul_(is_b, (r - g).add_(chroma, alpha=4.0))
+    h.mul_(inv).add_(6.0 * hue_factor + 6.0)  # in [2, 14)
+    h.sub_(torch.floor(h * (1.0 / 6.0)).mul_(6.0))  # modulo 6 (torch.remainder is slower)
+    out = torch.empty_like(x)
+    for channel, (center, sign, offset) in enumerate(_HUE_TO_RGB):
+        plane = torch.sub(h, center, out=out[..., channel, :, :]).abs_()
+        plane.mul_(sign).add_(offset).clamp_(0.0, 1.0).mul_(chroma).add_(minc)
+    return out.to(image.dtype)
+
+
+class FastColorJitter(v2.ColorJitter):
+    """``v2.ColorJitter`` whose hue step runs :func:`adjust_hue_float` on float images.
+
+    Arguments, the random order of the four operations and the sampling of their factors are
+    inherited unchanged (so it draws the same numbers from torch's generator as
+    ``v2.ColorJitter``); brightness, contrast and saturation use torchvision's kernels. uint8
+    images, PIL images and videos take torchvision's hue path.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Apply the jitter with the factors and order in ``params``.
+
+        Args:
+            inpt: An image (float tensors take the fast hue path) or anything
+                ``v2.ColorJitter`` accepts.
+            params: From ``make_params``: ``fn_idx`` (a permutation of 0..3) and the four
+                factors (None for an operation that is off).
+
+        Returns:
+            The jittered input, same type.
+        """
+        is_image = isinstance(inpt, tv_tensors.Image) or type(inpt) is Tensor
+        if not (is_image and torch.is_floating_point(inpt)):
+            return super().transform(inpt, params)
+        fns = {
+            0: (v2.functional.adjust_brightness_image, params["brightness_factor"]),
+            1: (v2.functional.adjust_contrast_image, params["contrast_factor"]),
+            2: (v2.functional.adjust_saturation_image, params["saturation_factor"]),
+            3: (adjust_hue_float, params["hue_factor"]),
+        }
+        output = inpt.as_subclass(Tensor)
+        for fn_id in params["fn_idx"].tolist():
+            fn, factor = fns[fn_id]
+            if factor is not None:
+                output = fn(output, factor)
+        return tv_tensors.wrap(output, like=inpt) if isinstance(inpt, tv_tensors.Image) else output
 
 
 def _check_prob(name: str, p: float) -> None:
@@ -291,12 +477,15 @@ def _random_apply(transform: v2.Transform, p: float) -> list[v2.Transform]:
 class ViewAugmentation:
     """The augmentation parameters of one view of a contrastive pair.
 
-    The pipeline built by :meth:`build` runs, in this order and on uint8 tensors:
-    RandomResizedCrop(size, crop_scale) -> ColorJitter(jitter) w.p. jitter_p ->
-    RandomGrayscale(grayscale_p) -> GaussianBlur(kernel ~10% of size, blur_sigma) w.p. blur_p
-    (as :class:`SeparableGaussianBlur`)
-    -> RandomSolarize(128) w.p. solarize_p -> RandomHorizontalFlip(hflip_p), then
-    float32 in [0, 1] and Normalize(mean, std). Steps with probability 0 are left out.
+    The pipeline built by :meth:`build` runs, in this order: RandomResizedCrop(size,
+    crop_scale) on the uint8 image -> float32 in [0, 1] -> ColorJitter(jitter) w.p. jitter_p
+    (as :class:`FastColorJitter`) -> RandomGrayscale(grayscale_p) -> GaussianBlur(kernel ~10%
+    of size, blur_sigma) w.p. blur_p (as :class:`SeparableGaussianBlur`) -> RandomSolarize
+    (128 / 255, i.e. PIL's 128) w.p. solarize_p -> RandomHorizontalFlip(hflip_p) ->
+    Normalize(mean, std). Steps with probability 0 are left out. The random parameters are
+    drawn from torch's global generator in the same order and number as the same pipeline on
+    uint8 throughout (torchvision's ColorJitter and GaussianBlur), whose result differs from
+    this one by the uint8 rounding between its colour steps only.
 
     Attributes:
         size: Output side length S.
@@ -306,7 +495,7 @@ class ViewAugmentation:
         grayscale_p: Probability of converting to (3-channel) greyscale.
         blur_p: Probability of the Gaussian blur.
         blur_sigma: (min, max) of the blur's standard deviation, in pixels.
-        solarize_p: Probability of solarisation (threshold 128 on uint8).
+        solarize_p: Probability of solarisation (pixels >= 128 / 255 are inverted).
         hflip_p: Probability of a horizontal flip.
         mean: Per-channel Normalize mean (3 values, for [0, 1] images).
         std: Per-channel Normalize std (3 positive values).
@@ -372,10 +561,12 @@ class ViewAugmentation:
                 interpolation=_INTERPOLATIONS[self.interpolation],
                 antialias=True,
             ),
+            # colour ops are several times faster on float32 than on uint8 (see module doc)
+            v2.ToDtype(torch.float32, scale=True),
         ]
         if any(self.jitter):
             steps += _random_apply(
-                v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h), self.jitter_p
+                FastColorJitter(brightness=b, contrast=c, saturation=s, hue=h), self.jitter_p
             )
         if self.grayscale_p > 0.0:
             steps.append(v2.RandomGrayscale(p=self.grayscale_p))
@@ -384,13 +575,10 @@ class ViewAugmentation:
             self.blur_p,
         )
         if self.solarize_p > 0.0:
-            steps.append(v2.RandomSolarize(threshold=_SOLARIZE_THRESHOLD_UINT8, p=self.solarize_p))
+            steps.append(v2.RandomSolarize(threshold=_SOLARIZE_THRESHOLD, p=self.solarize_p))
         if self.hflip_p > 0.0:
             steps.append(v2.RandomHorizontalFlip(p=self.hflip_p))
-        steps += [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(self.mean), std=list(self.std)),
-        ]
+        steps.append(v2.Normalize(mean=list(self.mean), std=list(self.std)))
         return v2.Compose(steps)
 
 
@@ -524,7 +712,8 @@ def two_view_transform(
 class EvalTransform:
     """Deterministic evaluation transform: Resize(S / crop_pct) + CenterCrop(S) + Normalize.
 
-    Runs on the same uint8 path as the training views. Prefer :func:`eval_transform`.
+    Resizes and crops in uint8, like the training views, then converts to float32. Prefer
+    :func:`eval_transform`.
 
     Args:
         image_size: Output side length S.
