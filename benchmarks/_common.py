@@ -26,6 +26,14 @@ if str(ROOT) not in sys.path:  # run from a checkout where the package is not in
     sys.path.insert(0, str(ROOT))
 
 
+def add_run_args(parser, quick_help: str) -> None:
+    """The options every benchmark shares: ``--seed``, ``--quick``, ``--json``, ``--no-json``."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help=f"smoke setting: {quick_help}")
+    parser.add_argument("--json", default=None, help="results path (default: benchmarks/results)")
+    parser.add_argument("--no-json", action="store_true", help="do not write the results file")
+
+
 def machine(device: torch.device | str = "cpu") -> dict:
     """Description of the machine, the libraries and the torch thread settings."""
     device = torch.device(device)

@@ -69,10 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stock-width", action="store_true", help="the architecture's own widths")
     p.add_argument("--reps", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
-    p.add_argument("--json", default=None, help="results path (default benchmarks/results/...)")
-    p.add_argument("--no-json", action="store_true", help="do not write the results file")
+    _common.add_run_args(p, str(QUICK))
     args = p.parse_args(argv)
     if args.quick:
         args.num_hard, args.sp = QUICK["num_hard"], QUICK["sp"]

@@ -76,10 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=7, help="timed passes per variant (default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per variant")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
-    p.add_argument("--json", default=None, help="results path (default benchmarks/results/...)")
-    p.add_argument("--no-json", action="store_true", help="do not write the results file")
+    _common.add_run_args(p, str(QUICK))
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

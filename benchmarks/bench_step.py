@@ -93,11 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="model.channels_last as in the recipe (true in all four), or forced",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", action="append", default=[], help="extra key=value overrides")
-    p.add_argument("--quick", action="store_true", help=f"toy sizes: {QUICK} {QUICK_OVERRIDES}")
-    p.add_argument("--json", default=None, help="results path (default benchmarks/results/...)")
-    p.add_argument("--no-json", action="store_true", help="do not write the results file")
+    _common.add_run_args(p, f"{QUICK} {QUICK_OVERRIDES}")
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
