@@ -47,6 +47,7 @@ from mochi_hub.data import (
 )
 from mochi_hub.data.sampling import EpochSampler, SeededDataset, StreamingViews
 from mochi_hub.distributed import gather_no_grad
+from mochi_hub.fsutil import replace_dir
 from mochi_hub.knn import extract_features, knn_accuracy
 from mochi_hub.losses import (
     ContrastiveOutput,
@@ -323,9 +324,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: 
         (tmp / COMPLETE_MARKER).write_text(__version__)
         _fsync_tree(tmp / COMPLETE_MARKER, recursive=False)
         _fsync_tree(tmp, recursive=False)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a checkpoint saved again replaces the old one only at the end
         _fsync_tree(root, recursive=False)
         done = sorted(
             (p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists()),

@@ -26,6 +26,7 @@ from timm.models._hub import save_config_for_hf
 
 from mochi_hub import __version__
 from mochi_hub.config import Config, config_to_dict, load_config
+from mochi_hub.fsutil import replace_dir
 
 __all__ = [
     "export_backbone",
@@ -291,9 +292,7 @@ def write_hub_folder(
         for f in tmp.iterdir():  # durable before it becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # an existing export is replaced only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
