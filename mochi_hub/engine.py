@@ -28,6 +28,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs, send_to_device, set_seed
+from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
@@ -67,6 +68,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "find_checkpoint",
+    "load_generators",
     "pretrain",
     "save_checkpoint",
     "train_step",
@@ -77,6 +79,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+RNG_STATE_PREFIX = "rng_state_"
 # A rank that dies leaves the others blocked in a collective; they give up after this long.
 COLLECTIVE_TIMEOUT_S = int(os.environ.get("MOCHI_HUB_COLLECTIVE_TIMEOUT", "1800"))
 
@@ -266,19 +269,6 @@ class JsonlTracker(GeneralTracker):
             self._file = None
 
 
-class _GeneratorState:
-    """Makes a torch.Generator checkpointable through ``accelerator.register_for_checkpointing``."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -297,12 +287,32 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(done, key=_checkpoint_step) if done else None
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: int) -> Path:
+def _rng_file(rank: int) -> str:
+    return f"{RNG_STATE_PREFIX}{rank}.safetensors"
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    state: dict,
+    keep: int,
+    generators: dict[str, torch.Generator] | None = None,
+) -> Path:
     """Save ``accelerator``'s state as ``<run_dir>/checkpoints/step_XXXXXXXX``, atomically.
 
     Written under a temporary name, fsynced, marked complete and renamed; only the newest
     ``keep`` complete checkpoints are kept. ``state`` (with its ``step``) is written as
-    ``trainer_state.json``.
+    ``trainer_state.json``. A save that fails removes its temporary directory; a successful one
+    also removes what earlier interrupted saves left behind.
+
+    Args:
+        accelerator: The run's Accelerator (model, optimiser, per-rank RNG states).
+        run_dir: The run directory.
+        state: JSON-serialisable trainer state; must hold ``step``.
+        keep: How many complete checkpoints to keep.
+        generators: This rank's own ``torch.Generator`` objects by name, written by every rank
+            to ``rng_state_<rank>.safetensors`` (tensors only, no pickle) and restored by
+            :func:`load_generators`.
 
     Returns:
         The checkpoint directory.
@@ -314,26 +324,64 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep: 
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    # Accelerate's automatic checkpoint naming is not used, so its iteration counter (which
-    # load_state does not restore) plays no part: the directory name is the global step.
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        # Accelerate's automatic checkpoint naming is not used, so its iteration counter (which
+        # load_state does not restore) plays no part: the directory name is the global step.
+        accelerator.save_state(str(tmp))
+        if generators:
+            states = {k: g.get_state() for k, g in generators.items()}
+            save_file(states, str(tmp / _rng_file(accelerator.process_index)))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)  # every file is on disk before the marker says so
+            (tmp / COMPLETE_MARKER).write_text(__version__)
+            _fsync_tree(tmp / COMPLETE_MARKER, recursive=False)
+            _fsync_tree(tmp, recursive=False)
+            replace_dir(tmp, final)  # a checkpoint saved again replaces the old one in one step
+            _fsync_tree(root, recursive=False)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never taken as valid: it has no marker
+        raise
     if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)  # every file is on disk before the marker says so
-        (tmp / COMPLETE_MARKER).write_text(__version__)
-        _fsync_tree(tmp / COMPLETE_MARKER, recursive=False)
-        _fsync_tree(tmp, recursive=False)
-        replace_dir(tmp, final)  # a checkpoint saved again replaces the old one only at the end
-        _fsync_tree(root, recursive=False)
         done = sorted(
             (p for p in root.glob("step_*") if (p / COMPLETE_MARKER).exists()),
             key=_checkpoint_step,
         )
         for old in done[:-keep]:
+            (old / COMPLETE_MARKER).unlink()  # invalid first: a killed prune leaves no "valid" half
             shutil.rmtree(old, ignore_errors=True)
+        # Left by a save or a prune that was killed: temporary directories, and checkpoint
+        # directories whose marker was already removed (a step_* directory only ever comes
+        # into being marked, by the rename above).
+        stale = [*root.glob(".tmp_step_*"), *root.glob(".step_*.old-*")]
+        stale += [p for p in root.glob("step_*") if not (p / COMPLETE_MARKER).exists()]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_generators(checkpoint: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
+    """Restore this rank's generators saved by :func:`save_checkpoint`.
+
+    Raises:
+        RuntimeError: If the checkpoint has no state for this rank (it was saved by fewer
+            processes) or not for every generator.
+    """
+    path = Path(checkpoint) / _rng_file(rank)
+    if not path.is_file():
+        raise RuntimeError(
+            f"checkpoint {checkpoint} has no generator state for process {rank} ({path.name}): "
+            "resume with the number of processes it was saved with"
+        )
+    states = load_file(str(path))
+    missing = sorted(set(generators) - set(states))
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint}: {path.name} lacks generator(s) {missing}")
+    for name, g in generators.items():
+        g.set_state(states[name])
 
 
 def _fsync_tree(path: Path, recursive: bool = True) -> None:
@@ -351,7 +399,12 @@ def _fsync_tree(path: Path, recursive: bool = True) -> None:
             os.close(fd)
 
 
-def _resume(accelerator: Accelerator, cfg: Config, run_dir: Path) -> tuple[Path | None, dict]:
+def _resume(
+    accelerator: Accelerator,
+    cfg: Config,
+    run_dir: Path,
+    generators: dict[str, torch.Generator] | None = None,
+) -> tuple[Path | None, dict]:
     choice = cfg.train.resume
     if choice is None:
         return None, {}
@@ -367,6 +420,8 @@ def _resume(accelerator: Accelerator, cfg: Config, run_dir: Path) -> tuple[Path 
             f"checkpoint {ckpt} does not match this run's model or optimiser "
             f"(model.arch={cfg.model.arch}, method={cfg.model.method}): {e}"
         ) from e
+    if generators:
+        load_generators(ckpt, accelerator.process_index, generators)
     return ckpt, json.loads((ckpt / TRAINER_STATE).read_text())
 
 
@@ -714,15 +769,15 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
             warmup_prefix=True,
             t_in_epochs=not per_step,
         )
-        accelerator.register_for_checkpointing(scheduler)
+        # No checkpoint state of its own: timm's schedulers are a function of the step (or
+        # epoch) they are given, and the optimiser's restored param groups hold the current lr.
 
-    # MoCHi's randomness: one generator per rank (different queries), checkpointed.
+    # MoCHi's randomness: one generator per rank (different queries); shuffle-BN's permutation:
+    # the same generator state on every rank. Each rank checkpoints its own (safetensors).
     mix_gen = torch.Generator(device=accelerator.device)
     mix_gen.manual_seed(cfg.train.seed * 1000 + 17 + rank)
-    accelerator.register_for_checkpointing(_GeneratorState(mix_gen))
-    # Shuffle-BN's permutation: the same generator state on every rank, checkpointed.
     shuffle_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + 29)
-    accelerator.register_for_checkpointing(_GeneratorState(shuffle_gen))
+    generators = {"mixing": mix_gen, "shuffle_bn": shuffle_gen}
     m_cfg = cfg.model
     use_shuffle = m_cfg.method == "mocov2" and (
         (world > 1 and m_cfg.shuffle_bn) or m_cfg.key_bn_splits > 1
@@ -732,7 +787,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     if x.enabled and x.num_synthetic + x.num_synthetic_query > 0:
         spec = MixingSpec(x.num_hard, x.num_synthetic, x.num_synthetic_query, x.max_beta, x.impl)
 
-    resumed_from, state = _resume(accelerator, cfg, run_dir)
+    resumed_from, state = _resume(accelerator, cfg, run_dir, generators)
     step = state.get("step", 0)
     start_epoch = state.get("epoch", 0)
     skip = state.get("step_in_epoch", 0)
@@ -861,7 +916,7 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                     epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
                 )
                 checkpoint = save_checkpoint(
-                    accelerator, run_dir, state, cfg.train.keep_checkpoints
+                    accelerator, run_dir, state, cfg.train.keep_checkpoints, generators
                 )
             if step >= total_steps:
                 done = True
@@ -885,7 +940,9 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
                     epoch, step_in_epoch, step, corrupt_before, corrupt, accelerator
                 )
             )
-            checkpoint = save_checkpoint(accelerator, run_dir, state, cfg.train.keep_checkpoints)
+            checkpoint = save_checkpoint(
+                accelerator, run_dir, state, cfg.train.keep_checkpoints, generators
+            )
         monitor = cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0
         if monitor and knn_loaders is not None and not done:
             acc = _knn_eval(accelerator, unwrapped.backbone, knn_loaders, cfg)

@@ -96,14 +96,14 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     real_save = engine.save_checkpoint
     calls = {"n": 0}
 
-    def dying_save(accelerator, run_dir, state, keep):
+    def dying_save(accelerator, run_dir, state, keep, generators=None):
         calls["n"] += 1
         if calls["n"] == 2:  # die half way through the second save
             tmp = run_dir / "checkpoints" / f".tmp_step_{state['step']:08d}"
             tmp.mkdir(parents=True)
             (tmp / "model.safetensors").write_bytes(b"\x00" * 10)  # truncated
             raise KeyboardInterrupt("killed during checkpoint write")
-        return real_save(accelerator, run_dir, state, keep)
+        return real_save(accelerator, run_dir, state, keep, generators)
 
     monkeypatch.setattr(engine, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -114,6 +114,28 @@ def test_interrupted_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_pa
     result = pretrain(cfg)  # resume=auto picks step 1, finishes at step 3
     assert result.resumed_from.name == "step_00000001" and result.steps == 3
     assert not list((run / "checkpoints").glob(".tmp*"))
+
+
+def test_resume_reads_every_pickle_with_weights_only(tmp_path, monkeypatch):
+    # Accelerate reads optimizer.bin and random_states_*.pkl with weights_only=True but custom
+    # objects with weights_only=False: the engine registers none (its generators are saved as
+    # safetensors, one file per rank), so no checkpoint file can run code when resumed.
+    cfg = _cfg(tmp_path, "train.max_steps=2", "train.checkpoint_every_steps=1")
+    pretrain(cfg)
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert not list(ckpt.glob("custom_checkpoint_*"))
+    assert set(load_file(str(ckpt / "rng_state_0.safetensors"))) == {"mixing", "shuffle_bn"}
+    real_load, calls = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        calls.append((str(args[0]), kwargs.get("weights_only")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    cfg = _cfg(tmp_path, "train.max_steps=3", "train.checkpoint_every_steps=1")
+    assert pretrain(cfg).resumed_from == ckpt
+    assert {Path(f).name for f, _ in calls} >= {"optimizer.bin", "random_states_0.pkl"}
+    assert all(weights_only is True for _, weights_only in calls), calls
 
 
 def test_keeps_only_the_last_checkpoints(tmp_path):
@@ -291,11 +313,11 @@ def test_streaming_source_trains_counts_corrupt_images_and_resumes_exactly(
 
     real_save, calls = engine.save_checkpoint, {"n": 0}
 
-    def dying_save(accelerator, run_dir, state, keep):
+    def dying_save(accelerator, run_dir, state, keep, generators=None):
         calls["n"] += 1
         if calls["n"] == 4:  # die while saving step 4, in the middle of epoch 1
             raise KeyboardInterrupt("killed")
-        return real_save(accelerator, run_dir, state, keep)
+        return real_save(accelerator, run_dir, state, keep, generators)
 
     monkeypatch.setattr(engine, "save_checkpoint", dying_save)
     with pytest.raises(KeyboardInterrupt):

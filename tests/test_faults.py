@@ -18,6 +18,7 @@ import accelerate.utils.other as accelerate_other
 import pytest
 
 from mochi_hub import export as export_mod
+from mochi_hub import fsutil
 from mochi_hub.config import load_config
 from mochi_hub.engine import COMPLETE_MARKER, find_checkpoint, pretrain
 from mochi_hub.export import export_backbone
@@ -120,11 +121,8 @@ def test_failed_checkpoint_save_keeps_the_previous_checkpoint(
     assert find_checkpoint(run) == previous  # still the newest complete checkpoint
     assert _snapshot(previous) == seen["before"]  # same files, same bytes
     assert not (ckpts / "step_00000002").exists()
-    # What the code does: the temporary directory of the failed save is left in place (no
-    # cleanup on error), but under a name find_checkpoint never considers.
-    leftover = ckpts / ".tmp_step_00000002"
-    assert leftover.is_dir()
-    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp_step_00000002", "step_00000001"]
+    # the failed save removed its temporary directory (half a file, no marker)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001"]
 
     # The next run resumes from step 1, replaces the leftover and finishes.
     result = pretrain(cfg)
@@ -191,20 +189,49 @@ def test_failed_overwrite_keeps_the_old_export_byte_for_byte(
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary folder
 
 
-def test_failed_rename_during_overwrite_keeps_the_old_export(trained_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "rename-aside"])
+def test_failed_rename_during_overwrite_keeps_the_old_export(
+    swap, trained_run, tmp_path, monkeypatch
+):
     out = export_backbone(trained_run, tmp_path / "resnet18_mochi.digits")
     before = _snapshot(out)
-    real = os.replace
+    if swap == "exchange":  # Linux: renameat2(RENAME_EXCHANGE) itself is refused
 
-    def failing(src, dst, *args, **kwargs):
-        if Path(dst) == out:
-            raise _eacces(dst)
-        return real(src, dst, *args, **kwargs)
+        def failing_exchange(a, b):
+            raise _eacces(b)
 
-    monkeypatch.setattr(os, "replace", failing)
+        monkeypatch.setattr(fsutil, "exchange_dirs", failing_exchange)
+    else:  # no atomic exchange: the old folder is renamed aside, the new one cannot move in
+        monkeypatch.setattr(fsutil, "exchange_dirs", lambda a, b: False)
+        real = os.replace
+
+        def failing(src, dst, *args, **kwargs):
+            if Path(dst) == out:
+                raise _eacces(dst)
+            return real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(PermissionError):
         export_backbone(trained_run, out, overwrite=True)
     assert out.is_dir() and _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # nothing renamed aside is left
+
+
+def test_exchange_swaps_two_directories_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new").write_text("new")
+    (b / "old").write_text("old")
+    swapped = fsutil.exchange_dirs(a, b)
+    if sys.platform.startswith("linux"):
+        assert swapped  # the file systems CI runs on (ext4, tmpfs, overlayfs) support it
+    if swapped:
+        assert [p.name for p in b.iterdir()] == ["new"] and [p.name for p in a.iterdir()] == ["old"]
+    fsutil.replace_dir(a, b)  # a (now "old") replaces b (now "new")
+    assert not a.exists() and [p.name for p in b.iterdir()] == ["old"]
+    with pytest.raises(FileNotFoundError):
+        fsutil.exchange_dirs(tmp_path / "missing", b)
 
 
 # ------------------------------------------------------------------ a rank dies
