@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +35,9 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -288,8 +294,13 @@ class Config:
             "eval.knn_k": self.eval.knn_k,
             "eval.knn_temperature": self.eval.knn_temperature,
         }
+        if not _RUN_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ConfigError(
+                f"name must be a plain directory name (letters, digits, '.', '_', '-'; it names "
+                f"runs/<name>), got {self.name!r}"
+            )
         for key, value in positive.items():
-            if value <= 0:
+            if not value > 0 or not math.isfinite(value):  # NaN fails every comparison
                 raise ConfigError(f"{key} must be > 0, got {value}")
         non_negative = {
             "mixing.num_hard": x.num_hard,
@@ -305,7 +316,7 @@ class Config:
             "eval.analysis_top": self.eval.analysis_top,
         }
         for key, value in non_negative.items():
-            if value < 0:
+            if not value >= 0 or not math.isfinite(value):
                 raise ConfigError(f"{key} must be >= 0, got {value}")
         if t.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
@@ -352,11 +363,21 @@ class Config:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.eval.batch_size}")
         if isinstance(d.class_subset, list) and not all(isinstance(c, str) for c in d.class_subset):
             raise ConfigError("data.class_subset must be 'imagenet100' or a list of class names")
-        if o.clip_grad is not None and o.clip_grad <= 0:
+        if not math.isfinite(o.min_lr) or o.min_lr < 0:
+            raise ConfigError(f"optim.min_lr must be >= 0, got {o.min_lr}")
+        if o.clip_grad is not None and (not o.clip_grad > 0 or not math.isfinite(o.clip_grad)):
             raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
 
-    def check_world_size(self, world_size: int) -> None:
-        """Check that the global batch splits evenly over ``world_size`` processes."""
+    def check_world_size(self, world_size: int | None = None) -> None:
+        """Check that the global batch splits evenly over ``world_size`` processes.
+
+        Args:
+            world_size: Number of processes; by default the launcher's ``WORLD_SIZE``
+                environment variable (``accelerate launch``, ``torchrun``, Slurm through them),
+                so the check runs before any process group or device is set up.
+        """
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if self.data.batch_size % world_size:
             raise ConfigError(
                 f"data.batch_size ({self.data.batch_size}) is not divisible by the number of "
@@ -470,6 +491,13 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(value, tp, key))
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(
@@ -482,7 +510,7 @@ def _parse_override(item: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': cannot parse the value ({e})") from e
+        raise ConfigError(f"override '{item}': cannot parse the value ({_yaml_problem(e)})") from e
     tree: dict = {}
     node = tree
     parts = key.split(".")
@@ -534,7 +562,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
         try:
             delta = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path}: invalid YAML ({e})") from e
+            raise ConfigError(f"recipe {path}: invalid YAML ({_yaml_problem(e)})") from e
         if not isinstance(delta, dict):
             raise ConfigError(f"recipe {path} must be a mapping of config sections")
         delta.setdefault("name", path.stem)

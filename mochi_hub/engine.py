@@ -703,6 +703,8 @@ def pretrain(cfg: Config, *, accelerator: Accelerator | None = None) -> Pretrain
     """
     t_start = time.perf_counter()
     cfg.validate()
+    if accelerator is None:
+        cfg.check_world_size()  # the launcher's WORLD_SIZE: before any process group or device
     run_dir = Path(cfg.train.output_dir or Path("runs") / cfg.name)
     accelerator = accelerator or _make_accelerator(cfg, run_dir)
     cfg.check_world_size(accelerator.num_processes)

@@ -51,31 +51,7 @@ def test_recipe_typo_fails_fast(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize(
-    "override, match",
-    [
-        ("mixing.num_hard=abc", "mixing.num_hard must be an integer"),
-        ("mixing.num_hard=1.5", "mixing.num_hard must be an integer"),
-        ("model.temperature=hot", "model.temperature must be a number"),
-        ("mixing.enabled=3", "mixing.enabled must be true or false"),
-        ("model.method=simclr", "model.method must be one of"),
-        ("data.mean=[1,2]", "data.mean must have 3 values"),
-        ("mixing.num_synthetic=-1", "mixing.num_synthetic must be >= 0"),
-        ("mixing.max_beta=0.6", r"mixing.max_beta must be in \(0, 0.5\]"),
-        ("mixing.max_beta=0", r"mixing.max_beta must be in \(0, 0.5\]"),
-        ("mixing.num_hard=70000", "mixing.num_hard .* larger than model.queue_size"),
-        (
-            "model.queue_size=128 mixing.enabled=false",
-            "queue_size .* smaller than the global batch",
-        ),
-        ("data.batch_size=0", "data.batch_size must be > 0"),
-        ("model=3", "model must be a mapping"),
-        ("noequals", "key=value"),
-    ],
-)
-def test_bad_values_are_rejected_with_the_key_named(override, match):
-    with pytest.raises(ConfigError, match=match):
-        load_config(None, override.split())
+# Bad values and overrides: the matrix in tests/test_bad_recipes.py.
 
 
 def test_batch_must_split_over_processes():
