@@ -137,6 +137,27 @@ def test_imagefolder_canonical_columns(train_ds, image_root, tmp_path):
     assert unlabeled.column_names == ["image"]
 
 
+@pytest.mark.parametrize("layout", ["split/class", "class"])
+def test_a_single_class_folder_keeps_its_label(layout, tmp_path):
+    # datasets' imagefolder infers labels only from two or more class folders
+    root = tmp_path / "one_class"
+    folder = root / "train" / "cat" if layout == "split/class" else root / "cat"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        _rgb(i).save(folder / f"{i}.png")
+    ds = load_image_source(str(root), split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.column_names == ["image", "label"]
+    assert ds.features["label"].names == ["cat"] and ds["label"] == [0, 0, 0]
+    # images straight under the split folder stay an unlabelled set
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    _rgb(5).save(flat / "a.png")
+    unlabelled = load_image_source(
+        str(flat.parent), split="train", label_column=None, cache_dir=str(tmp_path / "cache")
+    )
+    assert unlabelled.column_names == ["image"]
+
+
 def test_flat_class_layout(image_root, tmp_path):
     ds = load_image_source(str(image_root / "test"), split="train", cache_dir=str(tmp_path))
     assert len(ds) == 4 and ds.features["label"].names == ["cat", "dog"]

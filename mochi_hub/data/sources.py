@@ -188,6 +188,15 @@ def _has_parquet(directory: str) -> bool:
     )
 
 
+def _single_class_folder(source: str, split: str) -> bool:
+    """True if ``<source>/<split>`` (or ``<source>``) holds one class folder and nothing else."""
+    root = os.path.join(source, split) if os.path.isdir(os.path.join(source, split)) else source
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    if len(entries) != 1 or not entries[0].is_dir():
+        return False
+    return not any(e.is_dir() for e in os.scandir(entries[0].path))  # images, not splits
+
+
 def _load_raw(
     source: str,
     *,
@@ -231,6 +240,10 @@ def _load_raw(
         else:
             builder = "imagefolder"
             kwargs = {"data_dir": source}
+            if _single_class_folder(source, split):
+                # datasets infers labels only from two or more class folders: one class is
+                # still a labelled set (label 0, named after its folder).
+                kwargs["drop_labels"] = False
         ds = datasets.load_dataset(
             builder, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs
         )
