@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import typing
 
-import timm
 import torch
 import torchvision
 
 import mochi_hub  # noqa: F401  (registers the *_mochi timm models and their pretrained configs)
 from mochi_hub import torchvision as _mochi_tv
+from mochi_hub.hub import parse_hub_ref as _parse_hub_ref
+from mochi_hub.registry import create_model as _create_model
 
 if typing.TYPE_CHECKING:  # a class imported here would be listed as an entrypoint
     from collections.abc import Callable
@@ -42,7 +43,7 @@ _HF_HUB_PREFIX = "hf-hub:"
 def _create(
     name: str, pretrained: bool, tag: str | None, kwargs: dict[str, Any]
 ) -> torch.nn.Module:
-    return timm.create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
+    return _create_model(f"{name}.{tag}" if tag else name, pretrained=pretrained, **kwargs)
 
 
 def resnet18_mochi(
@@ -127,9 +128,14 @@ def from_hub(repo_id: str, pretrained: bool = True, **kwargs: Any) -> torch.nn.M
 
     Returns:
         The timm model: a feature backbone unless ``num_classes`` is given.
+
+    Raises:
+        ValueError: If ``repo_id`` or the revision is invalid, or the repository's weights are
+            not a readable safetensors file or do not fit its ``config.json``.
     """
-    repo_id = repo_id.removeprefix(_HF_HUB_PREFIX)
-    return timm.create_model(_HF_HUB_PREFIX + repo_id, pretrained=pretrained, **kwargs)
+    repo_id, revision = _parse_hub_ref(repo_id)
+    ref = f"{repo_id}@{revision}" if revision else repo_id
+    return _create_model(_HF_HUB_PREFIX + ref, pretrained=pretrained, **kwargs)
 
 
 # torchvision builders: weights= a ResNet*_MoCHi_Weights member or name, or "hf-hub:<org>/<name>"

@@ -160,6 +160,9 @@ def _eval(args: argparse.Namespace) -> int:
 _USER_ERRORS_OF = {"export", "push", "convert", "eval", "report"}
 
 
+_OVERWRITE_HELP = "replace --out if it is a previous export or an empty folder (never other data)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mochi-hub`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -192,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repo-id", help="Hub repository the folder is for (used in the card)")
     e.add_argument("--eval-results", help="JSON list of {dataset, split, protocol, metric, value}")
     e.add_argument("--training-curves", help="PNG shown in the card (from mochi-hub report)")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     e.set_defaults(func=_export)
 
     r = sub.add_parser(
@@ -239,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--repo-id", help="Hub repository the folder is for (used in the card)")
     c.add_argument("--base-model", help="Hub id the weights derive from (card metadata)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     c.set_defaults(func=_convert)
 
     u = sub.add_parser(

@@ -28,7 +28,13 @@ import torch
 
 from mochi_hub import __version__
 
-__all__ = ["ConversionReport", "convert_checkpoint", "detectron2_name", "infer_architecture"]
+__all__ = [
+    "ConversionReport",
+    "convert_checkpoint",
+    "detectron2_name",
+    "infer_architecture",
+    "read_safetensors",
+]
 
 LAYOUTS = {
     "mocov1": "MoCo v1 pretraining: encoder_q with a linear fc head, encoder_k, queue",
@@ -134,18 +140,66 @@ def _refusal(path: Path, err: Exception) -> ValueError:
     )
 
 
+def _kind(path: Path) -> str:
+    """What an unreadable weights file looks like, for error messages."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "it is empty (0 bytes)"
+    if head[8:9] == b"{":  # a safetensors header: its 8-byte length, then JSON
+        return "it is truncated or corrupt"
+    if (head[:1] == b"\x80" and 2 <= head[1:2][0] <= 5) or head[:4] == b"PK\x03\x04":
+        return "it is a pickle / torch.save file, which mochi_hub never unpickles"
+    if head.isascii() and all(c >= 32 or c in b"\t\r\n" for c in head):
+        return "it is a text file"
+    return "it is truncated, corrupt or in another format"
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors (on the CPU) and metadata, with errors that say what is wrong.
+
+    Only the safetensors format is read: a pickle under a ``.safetensors`` name is refused, never
+    unpickled.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``(tensors, metadata)``; the metadata is ``{}`` when the file has none.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If it is a directory, or not a complete safetensors file (empty, truncated,
+            text, a pickle); the message names the file and the problem.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a safetensors weights file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a valid safetensors file: {_kind(path)} ({' '.join(str(e).split())})"
+        ) from e
+
+
 def _read(path: Path) -> Any:
     """The object stored in ``path``, read without executing code."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a checkpoint file (.pth.tar, .safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {path.name}: truncated or not safetensors ({e})") from e
+        return read_safetensors(path)[0]
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path.name}: it is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -350,8 +404,7 @@ def _write_detectron2(
     sd: dict[str, torch.Tensor], out: Path, overwrite: bool
 ) -> tuple[int, dict[str, int]]:
     """Write the detectron2 ``.pkl`` atomically; return the kept count and dropped groups."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    _check_pkl_out(out, overwrite)
     weights = {
         detectron2_name(k): v.detach().cpu().numpy()
         for k, v in sd.items()
@@ -371,6 +424,16 @@ def _write_detectron2(
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(weights), ({"num_batches_tracked": skipped} if skipped else {})
+
+
+def _check_pkl_out(out: Path, overwrite: bool) -> None:
+    """Refuse a detectron2 output that is not a ``.pkl`` file that may be (re)written."""
+    if out.suffix != ".pkl":
+        raise ValueError(f"the detectron2 output must be a .pkl file, got {out}")
+    if out.is_symlink() or out.is_dir():
+        raise FileExistsError(f"{out} is a directory or a link: give a .pkl file name as --out")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
 
 
 def _mixing_dict(mixing: Any) -> dict[str, Any] | None:
@@ -462,23 +525,34 @@ def convert_checkpoint(
         keep_classifier: Keep the classifier of a linear-classification checkpoint.
         repo_id: The Hub repository the folder is meant for (used in the card).
         mixing: MoCHi's ``(N, s, s')`` (optionally ``start_epoch`` 4th) if the source used it.
-        base_model: A Hub id the model derives from, for the card.
-        overwrite: Replace ``out`` if it exists.
+        base_model: A Hub id the model derives from, for the card (``org/name``).
+        overwrite: Replace ``out`` if it is a previous export or an empty folder (``timm``), or
+            an existing ``.pkl`` file (``detectron2``).
 
     Returns:
         What was detected, kept, dropped and written.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        FileExistsError: If ``out`` exists and ``overwrite`` is False.
-        ValueError: If the file holds pickled code, is unreadable, has an unknown layout or does
-            not match the architecture, or the options do not apply to it.
+        FileExistsError: If ``out`` exists and may not be replaced
+            (:func:`mochi_hub.export.check_out_folder`); nothing is changed then.
+        ValueError: If the file holds pickled code, is unreadable or a directory, has an unknown
+            layout or does not match the architecture, ``repo_id`` or ``base_model`` is not a
+            valid ``org/name``, or the options do not apply to it.
     """
+    from mochi_hub.export import check_out_folder
+    from mochi_hub.hub import check_repo_id
+
     if to not in ("timm", "detectron2"):
         raise ValueError(f"unknown target '{to}': use timm or detectron2")
+    for hub_id in (repo_id, base_model):
+        if hub_id is not None:
+            check_repo_id(hub_id)
     source, out = Path(path), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    if to == "timm":
+        check_out_folder(out, overwrite)
+    else:
+        _check_pkl_out(out, overwrite)
     sd, meta = _tensors(_read(source), source)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     layout = _detect_layout(sd)

@@ -28,6 +28,7 @@ import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import InitProcessGroupKwargs, send_to_device, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -376,7 +377,10 @@ def load_generators(checkpoint: Path, rank: int, generators: dict[str, torch.Gen
             f"checkpoint {checkpoint} has no generator state for process {rank} ({path.name}): "
             "resume with the number of processes it was saved with"
         )
-    states = load_file(str(path))
+    try:
+        states = load_file(str(path))
+    except SafetensorError as e:
+        raise RuntimeError(f"checkpoint {checkpoint}: {path.name} is not readable: {e}") from e
     missing = sorted(set(generators) - set(states))
     if missing:
         raise RuntimeError(f"checkpoint {checkpoint}: {path.name} lacks generator(s) {missing}")
@@ -415,7 +419,7 @@ def _resume(
         raise ConfigError(f"train.resume: {ckpt} is not a complete checkpoint")
     try:
         accelerator.load_state(str(ckpt))
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, OSError, SafetensorError) as e:
         raise RuntimeError(
             f"checkpoint {ckpt} does not match this run's model or optimiser "
             f"(model.arch={cfg.model.arch}, method={cfg.model.method}): {e}"

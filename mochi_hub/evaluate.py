@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from mochi_hub import __version__
 from mochi_hub.data import RobustEvalDataset, eval_transform, load_image_source
 from mochi_hub.knn import extract_features, knn_accuracy
+from mochi_hub.registry import create_model
 
 __all__ = [
     "PROBE_L2_GRID",
@@ -139,7 +140,8 @@ def _from_timm(name: str, pretrained: bool | None, timm_kwargs: dict) -> tuple[n
     if timm_kwargs.setdefault("num_classes", 0) != 0:
         raise ValueError("an evaluated backbone has no classifier: num_classes must be 0")
     try:
-        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+        # checks hf-hub: ids; unreadable or unfitting weights raise a ValueError naming them
+        model = create_model(name, pretrained=pretrained, **timm_kwargs)
     except OSError as e:  # huggingface_hub's LocalEntryNotFoundError, HTTP errors
         msg = " ".join(str(e).split())
         raise FileNotFoundError(f"the weights of {name!r} could not be loaded: {msg}") from e
@@ -178,8 +180,9 @@ def load_backbone(
     Raises:
         FileNotFoundError: For a directory that is neither a checkpoint, a run nor an export,
             a path that does not exist, or weights that cannot be downloaded.
-        ValueError: For an unknown timm name or pretrained tag, or a checkpoint that does not
-            match its recorded architecture.
+        ValueError: For an unknown timm name or pretrained tag, an invalid ``hf-hub:`` id, a
+            weights file that is not a readable safetensors file, or weights that do not match
+            the architecture (of a checkpoint's run, or an export's ``config.json``).
     """
     from mochi_hub.engine import CHECKPOINT_DIR, COMPLETE_MARKER
 
@@ -188,7 +191,10 @@ def load_backbone(
     if path.is_dir():
         if (path / COMPLETE_MARKER).is_file() or (path / CHECKPOINT_DIR).is_dir():
             return _from_checkpoint(path, timm_kwargs)
-        if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        weights = path / "model.safetensors"
+        if (path / "config.json").is_file() and weights.exists() and not weights.is_file():
+            raise ValueError(f"{weights} is a directory, not a safetensors weights file")
+        if (path / "config.json").is_file() and weights.is_file():
             return _from_timm(f"local-dir:{path.resolve()}", True, timm_kwargs)
         raise FileNotFoundError(
             f"{path} is neither a training checkpoint or run directory (checkpoints/step_*/"

@@ -4,12 +4,15 @@ The folder holds ``model.safetensors`` (the query backbone only: no momentum enc
 queue; safetensors metadata ``format: pt`` plus provenance), timm's ``config.json`` naming the
 stock architecture (so ``timm.create_model("hf-hub:<org>/<name>", pretrained=True)`` works without
 mochi_hub), the resolved training configuration and a model card rendered from a Jinja template.
-It is written under a temporary name and renamed when complete.
+It is written under a temporary name and renamed when complete. ``overwrite`` replaces only a
+previous export (a folder holding nothing but export files) or an empty folder: never a file, nor
+a folder with anything else in it, so a mistyped ``--out`` cannot delete unrelated work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -21,7 +24,7 @@ import timm
 import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
 from mochi_hub import __version__
@@ -29,6 +32,8 @@ from mochi_hub.config import Config, config_to_dict, load_config
 from mochi_hub.fsutil import replace_dir
 
 __all__ = [
+    "EXPORT_FILES",
+    "check_out_folder",
     "export_backbone",
     "load_checkpoint_backbone",
     "render_card",
@@ -64,26 +69,42 @@ def load_checkpoint_backbone(ckpt: Path, cfg: Config) -> tuple[torch.nn.Module, 
         The model (eval mode, no classifier) and its contiguous state dict.
 
     Raises:
-        ValueError: If the checkpoint holds no backbone or it does not match the architecture.
+        FileNotFoundError: If the checkpoint has no ``model.safetensors``.
+        ValueError: If ``model.safetensors`` is not a readable safetensors file (empty,
+            truncated, a pickle, a directory), holds no backbone, or its backbone does not match
+            the architecture (the message names the missing, unexpected and mis-shaped keys).
     """
-    state = load_file(str(ckpt / "model.safetensors"))
+    from mochi_hub.convert import read_safetensors
+
+    state, _ = read_safetensors(Path(ckpt) / "model.safetensors")
     sd = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if not sd:
-        raise ValueError(f"{ckpt} holds no 'backbone.*' weights: not a mochi_hub checkpoint")
-    model = timm.create_model(cfg.model.arch, num_classes=0, **dict(cfg.model.backbone_kwargs))
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
         raise ValueError(
-            f"the checkpoint's backbone does not match architecture '{cfg.model.arch}' "
-            f"{dict(cfg.model.backbone_kwargs)}: {e}"
-        ) from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"the checkpoint's backbone does not match architecture '{cfg.model.arch}' "
-            f"{dict(cfg.model.backbone_kwargs)}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"{ckpt} holds no 'backbone.*' weights (keys seen: {sorted(state)[:4]}): not a "
+            "mochi_hub checkpoint"
         )
+    model = timm.create_model(cfg.model.arch, num_classes=0, **dict(cfg.model.backbone_kwargs))
+    own = model.state_dict()
+    problems = {
+        "missing keys": [k for k in own if k not in sd],
+        "unexpected keys": sorted(k for k in sd if k not in own),
+        "shape mismatches": [
+            f"{k}: {tuple(sd[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+            for k in sd
+            if k in own and sd[k].shape != own[k].shape
+        ],
+    }
+    if any(problems.values()):
+        raise ValueError(
+            f"the checkpoint's backbone does not match architecture '{cfg.model.arch}' "
+            f"{dict(cfg.model.backbone_kwargs)}: "
+            + "; ".join(
+                f"{len(keys)} {what}: {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+                for what, keys in problems.items()
+                if keys
+            )
+        )
+    model.load_state_dict(sd, strict=True)
     return model.eval(), {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -193,6 +214,70 @@ def render_card(
 
 _TORCHVISION_BUILDERS = ("resnet18", "resnet50")
 _RESERVED = ("model.safetensors", "config.json", "README.md")
+EXPORT_FILES = (*_RESERVED, "training_config.yaml", "eval_results.json")
+"""The files an export holds (besides ``*.png`` images shown in its card)."""
+
+
+def _is_export_file(path: Path) -> bool:
+    return (
+        path.is_file()
+        and not path.is_symlink()
+        and (path.name in EXPORT_FILES or path.suffix == ".png")
+    )
+
+
+def check_out_folder(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` if an export may be written there: it does not exist, or may be replaced.
+
+    With ``overwrite``, an existing ``out`` is replaced only if it is an empty directory or a
+    previous export: a directory holding ``model.safetensors`` and ``config.json`` and nothing
+    but export files (:data:`EXPORT_FILES` and ``*.png`` images).
+
+    Args:
+        out: The folder to write.
+        overwrite: Whether an existing previous export may be replaced.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is False; or it is a file or a
+            symbolic link; or it is a directory holding anything an export does not (the
+            message names those entries); or its parent is a file.
+    """
+    out = Path(out)
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FileExistsError(f"cannot create {out}: {parent} is a file, not a directory")
+    if out.is_symlink():
+        raise FileExistsError(f"{out} is a symbolic link: give the real folder as --out")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise FileExistsError(
+            f"{out} is an existing file, not an export folder: choose another --out (a file is "
+            "never replaced, even with --overwrite)"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return out
+    foreign = [p.name + ("/" if p.is_dir() else "") for p in entries if not _is_export_file(p)]
+    if foreign:
+        more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+        raise FileExistsError(
+            f"{out} is not a previous export: it holds {', '.join(foreign[:10])}{more}; "
+            "--overwrite only replaces an export folder or an empty one. Choose another --out "
+            "or move those files away"
+        )
+    missing = [name for name in ("model.safetensors", "config.json") if not (out / name).is_file()]
+    if missing:
+        raise FileExistsError(
+            f"{out} is not a previous export (no {', '.join(missing)}); --overwrite only "
+            "replaces an export folder or an empty one. Choose another --out"
+        )
+    return out
 
 
 def _registered_name(repo_id: str) -> str | None:
@@ -238,29 +323,42 @@ def write_hub_folder(
         eval_results: Rows ``{"dataset", "split", "protocol", "metric", "value"}``.
         images: ``{name in the folder: (source file, caption)}``: PNG images copied into the
             folder and shown in the card (e.g. the training curves of ``mochi-hub report``).
-        overwrite: Replace ``out`` if it already exists.
+        overwrite: Replace ``out`` if it is a previous export or an empty folder.
 
     Returns:
         The folder.
 
     Raises:
-        FileExistsError: If ``out`` exists and ``overwrite`` is False.
+        FileExistsError: If ``out`` exists and may not be replaced (see
+            :func:`check_out_folder`); nothing is changed then.
         FileNotFoundError: If an image does not exist.
-        ValueError: If an image name is not a plain ``.png`` file name.
+        ValueError: If an image name is not a plain ``.png`` file name, or ``repo_id`` is not
+            a valid ``org/name``.
     """
+    from mochi_hub.hub import check_repo_id
+
     out = Path(out)
+    if repo_id is not None:
+        check_repo_id(repo_id)
     images = dict(images or {})
     for name, (source, _) in images.items():
         if Path(name).name != name or not name.endswith(".png") or name in _RESERVED:
             raise ValueError(f"image name {name!r} must be a plain .png file name")
         if not Path(source).is_file():
             raise FileNotFoundError(f"image {source} not found")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    check_out_folder(out, overwrite)
     name = out.name
     repo_id = repo_id or f"<org>/{name}"
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # What an export of this folder that was killed left next to it (its temporary folder, or
+    # the old folder between the two renames where no atomic exchange exists). Exports of one
+    # folder are not meant to run concurrently.
+    esc = glob.escape(name)
+    stale = [*out.parent.glob(f".{esc}.tmp-*"), *out.parent.glob(f".{esc}.old-*")]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
     try:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", **metadata})
@@ -292,6 +390,7 @@ def write_hub_folder(
         for f in tmp.iterdir():  # durable before it becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        check_out_folder(out, overwrite)  # again: it may have changed while this one was written
         replace_dir(tmp, out)  # an existing export is replaced only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -316,19 +415,23 @@ def export_backbone(
         repo_id: The Hub repository the folder is meant for (used in the card's snippets).
         eval_results: Rows ``{"dataset", "split", "protocol", "metric", "value"}`` for the card.
         training_curves: A PNG of the training curves (``mochi-hub report``) shown in the card.
-        overwrite: Replace ``out`` if it already exists.
+        overwrite: Replace ``out`` if it is a previous export or an empty folder.
 
     Returns:
         The folder.
 
     Raises:
-        FileExistsError: If ``out`` exists and ``overwrite`` is False.
-        ValueError: If the checkpoint does not match its recorded architecture.
+        FileExistsError: If ``out`` exists and may not be replaced (see
+            :func:`check_out_folder`).
+        ValueError: If the checkpoint's weights are unreadable or do not match its recorded
+            architecture, or ``repo_id`` is invalid.
     """
+    from mochi_hub.hub import check_repo_id
+
+    if repo_id is not None:
+        check_repo_id(repo_id)
     ckpt = resolve_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace")
+    out = check_out_folder(out, overwrite)
     run_dir = ckpt.parent.parent
     cfg = load_config(run_dir / "config.yaml")
     state = json.loads((ckpt / "trainer_state.json").read_text())

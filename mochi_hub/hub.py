@@ -1,8 +1,9 @@
 """Publish an exported folder (:func:`mochi_hub.export.export_backbone`) to the Hugging Face Hub.
 
 The folder is checked first: it must be a mochi_hub export (``model.safetensors`` with
-``format: pt`` metadata, ``config.json``, ``README.md``) and hold no pickle files, since only
-safetensors weights are ever published. Every file then goes up in a single commit
+``format: pt`` metadata, ``config.json``, ``README.md``) and hold no pickle files (by suffix or by
+content), since only safetensors weights are ever published, and nothing that reaches outside it
+(a symbolic link pointing elsewhere, a name with ``..``). Every file then goes up in a single commit
 (``HfApi.create_commit``), so a failed upload leaves the repository's files as they were. Transient
 failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential back-off;
 others (401, 403, 404, 400, ...) are raised at once.
@@ -17,7 +18,10 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
+import re
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,7 +41,9 @@ __all__ = [
     "backoff_delay",
     "check_export",
     "check_repo_id",
+    "check_revision",
     "is_transient",
+    "parse_hub_ref",
     "plan_upload",
     "push_folder",
 ]
@@ -45,8 +51,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("model.safetensors", "config.json", "README.md")
-# Pickle-based weight formats: never published (loading them runs arbitrary code).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Pickle-based weight formats: never published (loading them runs arbitrary code). Any suffix of a
+# name counts (``model.pth.tar``); files are also recognised by content (see ``_pickled``).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+HF_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+MAX_NAME_LENGTH = 96  # of each part of a repo id (huggingface_hub.utils.validate_repo_id)
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}")
 LOGIN_HINT = (
     "no Hugging Face token found: log in with `hf auth login`, or set the HF_TOKEN environment "
     "variable (a token with write access, https://huggingface.co/settings/tokens)"
@@ -131,18 +141,76 @@ def check_repo_id(repo_id: str) -> str:
     """``repo_id`` if it is a valid ``org/name`` model repository id.
 
     Raises:
-        ValueError: If it is not.
+        ValueError: If it is not (the message names the id and the rule it breaks).
     """
+    if not isinstance(repo_id, str):
+        raise ValueError(f"invalid repo id {repo_id!r}: expected a string 'org/name'")
+    long = [part for part in repo_id.split("/") if len(part) > MAX_NAME_LENGTH]
+    if long:
+        raise ValueError(
+            f"invalid repo id {repo_id!r}: {long[0][:20]!r}... is {len(long[0])} characters "
+            f"long, at most {MAX_NAME_LENGTH} are allowed"
+        )
     try:
         validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"invalid repo id {repo_id!r}: {e}") from None
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+    except HFValidationError as e:  # its message quotes the id as is: keep it on one line
+        raise ValueError(f"invalid repo id {repo_id!r}: {' '.join(str(e).split())}") from None
+    if repo_id.count("/") != 1:
         raise ValueError(
             f"invalid repo id {repo_id!r}: expected 'org/name' (your user or organisation, a "
             "slash, and the model name)"
         )
     return repo_id
+
+
+def check_revision(revision: str | None) -> str | None:
+    """``revision`` if it is None or a plausible branch, tag, ``refs/pr/N`` or commit id.
+
+    Raises:
+        ValueError: If it is empty, has characters other than letters, digits, ``-``, ``_``,
+            ``.`` and ``/``, or has ``..`` or an empty path component (``a//b``, ``/a``, ``a/``).
+    """
+    if revision is None:
+        return None
+    if (
+        not isinstance(revision, str)
+        or not _REVISION.fullmatch(revision)
+        or ".." in revision
+        or "//" in revision
+        or revision.endswith(("/", ".", ".lock"))
+    ):
+        raise ValueError(
+            f"invalid revision {revision!r}: expected a branch, tag or commit id (letters, "
+            "digits, '-', '_', '.' and '/', no '..')"
+        )
+    return revision
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None]:
+    """Split and check a Hub model reference ``[hf-hub:]org/name[@revision]``.
+
+    Args:
+        ref: The reference; an ``hf-hub:`` (or timm's older ``hf_hub:``) prefix is optional.
+
+    Returns:
+        ``(repo_id, revision)``; the revision is None when none is given.
+
+    Raises:
+        ValueError: If the repo id or the revision is invalid; the message names both ``ref``
+            and what is wrong with it.
+    """
+    if not isinstance(ref, str):
+        raise ValueError(f"invalid Hub reference {ref!r}: expected 'hf-hub:<org>/<name>'")
+    text = ref
+    for prefix in HF_HUB_PREFIXES:
+        text = text.removeprefix(prefix)
+    repo_id, at, revision = text.partition("@")
+    try:
+        check_repo_id(repo_id)
+        check_revision(revision if at else None)
+    except ValueError as e:
+        raise ValueError(f"invalid Hub reference {ref!r}: {e}") from None
+    return repo_id, (revision if at else None)
 
 
 def _safetensors_format(path: Path) -> str | None:
@@ -154,43 +222,104 @@ def _safetensors_format(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
     return metadata.get("format")
 
 
-def check_export(folder: str | Path) -> Path:
-    """``folder`` if it is a mochi_hub export that may be published.
+def _pickled(path: Path) -> str | None:
+    """What pickle format ``path`` holds, judged by its content; None if it holds none.
 
-    Args:
-        folder: The folder written by ``mochi-hub export``.
+    Recognises pickles of protocol 2 and later (``pickle.dump``, ``torch.save`` with the legacy
+    format) and ``torch.save``'s zip archives (which wrap a ``data.pkl``).
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle"
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive (the torch.save format)"
+        if any(name.endswith(".pkl") for name in names):
+            return "a torch.save archive (zipped pickles)"
+    return None
+
+
+def _ignored(rel: str) -> bool:
+    """Whether huggingface_hub never uploads ``rel`` (``.git``, ``.cache/huggingface``)."""
+    return not list(filter_repo_objects([rel], ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+
+
+def _walk(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """The files a push of ``folder`` uploads, and the entries that make it unsafe to publish.
+
+    Symbolic links are not followed: one is refused if it points out of the folder, to a
+    directory or nowhere. Names with ``..``, a backslash or a control character are refused.
 
     Returns:
-        The folder as a Path.
-
-    Raises:
-        FileNotFoundError: If it does not exist.
-        ValueError: If it is not a directory, lacks a required file, has a safetensors file that
-            does not parse or lacks ``format: pt`` metadata, has a ``config.json`` without an
-            architecture, or holds a pickle file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``,
-            ``*.ckpt``).
+        ``({POSIX path relative to folder: path}, [description of each unsafe entry])``.
     """
+    root = folder.resolve()
+    files: dict[str, Path] = {}
+    unsafe: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder):  # does not descend into linked dirs
+        base = Path(dirpath)
+        here = base.relative_to(folder)
+        dirnames[:] = [d for d in dirnames if not _ignored((here / d).as_posix())]
+        for name in sorted(dirnames + filenames):
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            if _ignored(rel):
+                continue
+            if ".." in name or "\\" in name or not name.isprintable():
+                unsafe.append(f"{rel!r} (a name with '..', a backslash or a control character)")
+            elif path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root):
+                    unsafe.append(f"{rel} -> {os.readlink(path)} (a link out of the folder)")
+                elif not target.is_file():
+                    link = os.readlink(path)
+                    unsafe.append(f"{rel} -> {link} (a link to a directory or to nothing)")
+                else:
+                    files[rel] = path
+            elif name in filenames and path.is_file():
+                files[rel] = path
+    return dict(sorted(files.items())), unsafe
+
+
+def _check(folder: str | Path) -> tuple[Path, dict[str, Path]]:
+    """:func:`check_export`, also returning the files to upload."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{folder} does not exist")
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a directory: push the folder written by `export`")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    files, unsafe = _walk(folder)
+    if unsafe:
+        raise ValueError(
+            f"{folder} holds entries that reach outside it or have unsafe names: "
+            f"{'; '.join(unsafe)}; nothing was uploaded (copy real files in, rename them)"
+        )
+    missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise ValueError(
             f"{folder} is not a mochi_hub export: missing {', '.join(missing)} "
             "(create one with `mochi-hub export`)"
         )
-    pickles = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file()
-    )
+    pickles = []
+    for rel, path in files.items():
+        suffixes = [s.lower() for s in Path(rel).suffixes]
+        if any(s in PICKLE_SUFFIXES for s in suffixes):
+            pickles.append(rel)
+        elif suffixes[-1:] == [".safetensors"]:
+            _safetensors_format(path)  # a pickle named *.safetensors does not parse
+        else:
+            kind = _pickled(path)
+            if kind:
+                pickles.append(f"{rel} ({kind})")
     if pickles:
         raise ValueError(
             f"{folder} holds pickle files ({', '.join(pickles)}): only safetensors weights are "
@@ -208,7 +337,29 @@ def check_export(folder: str | Path) -> Path:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     if not isinstance(config, dict) or not config.get("architecture"):
         raise ValueError(f"{folder / 'config.json'} names no timm 'architecture'")
-    return folder
+    return folder, files
+
+
+def check_export(folder: str | Path) -> Path:
+    """``folder`` if it is a mochi_hub export that may be published.
+
+    Args:
+        folder: The folder written by ``mochi-hub export``.
+
+    Returns:
+        The folder as a Path.
+
+    Raises:
+        FileNotFoundError: If it does not exist.
+        ValueError: If it is not a directory; holds a symbolic link pointing out of it (or to a
+            directory, or nowhere) or a name with ``..``; lacks a required file; holds a pickle
+            file (``*.bin``, ``*.pt``, ``*.pth``, ``*.pkl``, ``*.pickle``, ``*.ckpt``,
+            ``*.joblib``, by any suffix of its name, or any file whose content is a pickle or a
+            ``torch.save`` archive); has a safetensors file that does not parse or a
+            ``model.safetensors`` without ``format: pt`` metadata; or has a ``config.json``
+            without an architecture.
+    """
+    return _check(folder)[0]
 
 
 def plan_upload(folder: str | Path) -> tuple[UploadFile, ...]:
@@ -217,10 +368,8 @@ def plan_upload(folder: str | Path) -> tuple[UploadFile, ...]:
     Every file under the folder, sorted, except what huggingface_hub never uploads (``.git``,
     ``.cache/huggingface``).
     """
-    folder = check_export(folder)
-    paths = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    kept = filter_repo_objects(sorted(paths), ignore_patterns=DEFAULT_IGNORE_PATTERNS)
-    return tuple(UploadFile(rel, paths[rel].stat().st_size, paths[rel]) for rel in kept)
+    _, files = _check(folder)
+    return tuple(UploadFile(rel, path.stat().st_size, path) for rel, path in files.items())
 
 
 def _status(error: BaseException) -> int | None:
@@ -344,13 +493,14 @@ def push_folder(
 
     Raises:
         FileNotFoundError: If the folder does not exist.
-        ValueError: If the folder is not a publishable export, the repo id is invalid, or there
-            is no token.
+        ValueError: If the folder is not a publishable export (see :func:`check_export`), the
+            repo id or the revision is invalid, or there is no token.
         huggingface_hub.errors.HfHubHTTPError: If the Hub refuses (after the retries, when
             transient); the token is redacted from its message.
     """
     files = plan_upload(folder)
     repo_id = check_repo_id(repo_id)
+    revision = check_revision(revision)
     if dry_run:
         return PushResult(repo_id, revision, files)
     token = token or get_token()

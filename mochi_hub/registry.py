@@ -9,6 +9,7 @@ live on the Hugging Face Hub under :func:`hub_org` (``MOCHI_HUB_ORG`` in the env
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
-__all__ = ["DEFAULT_HUB_ORG", "hub_org", "set_hub_org"]
+__all__ = ["DEFAULT_HUB_ORG", "create_model", "hub_org", "set_hub_org"]
 
 DEFAULT_HUB_ORG = "mochi-hub"
 _ORG: str | None = None
@@ -38,10 +39,19 @@ def set_hub_org(org: str) -> None:
 
     Args:
         org: An organisation or user name (``my-lab``).
+
+    Raises:
+        ValueError: If ``org`` is not a valid Hub user or organisation name.
     """
     global _ORG
-    if not org or "/" in org:
+    if not isinstance(org, str) or not org or "/" in org:
         raise ValueError(f"a Hub organisation is a single name without '/', got {org!r}")
+    from mochi_hub.hub import check_repo_id
+
+    try:
+        check_repo_id(f"{org}/model")
+    except ValueError as e:
+        raise ValueError(f"invalid Hub organisation {org!r}: {e}") from None
     _ORG = org
     # timm keeps its own copies of the registered configs (and offers no setter): update both
     from timm.models import _registry
@@ -52,6 +62,100 @@ def set_hub_org(org: str) -> None:
             registered = _registry._model_pretrained_cfgs.get(f"{arch}.{tag}")
             if registered is not None:
                 registered.hf_hub_id = cfg.hf_hub_id
+
+
+def _weights_file(name: str) -> str | None:
+    """The local ``model.safetensors`` timm reads for ``name``, where it can be told."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from mochi_hub.hub import HF_HUB_PREFIXES, parse_hub_ref
+
+    if name.startswith("local-dir:"):
+        return os.path.join(name.removeprefix("local-dir:"), "model.safetensors")
+    if name.startswith(HF_HUB_PREFIXES):
+        repo_id, revision = parse_hub_ref(name)
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+        if cfg is None or not cfg.hf_hub_id:
+            return None
+        repo_id, revision = cfg.hf_hub_id, None
+    found = try_to_load_from_cache(repo_id, "model.safetensors", revision=revision)
+    return found if isinstance(found, str) else None
+
+
+def _unreadable(name: str, error: Exception, directory: bool = False) -> ValueError:
+    """The ValueError for weights of ``name`` that safetensors could not read."""
+    from mochi_hub.convert import read_safetensors
+
+    try:
+        path = _weights_file(name)
+    except Exception:  # the path only words the message
+        path = None
+    if path is not None and os.path.lexists(path):
+        try:
+            read_safetensors(path)
+        except ValueError as e:  # names the file and what it holds
+            return ValueError(f"cannot load the weights of {name!r}: {e}")
+    detail = " ".join(str(error).split())
+    if directory:
+        return ValueError(
+            f"cannot load the weights of {name!r}: its model.safetensors is a directory, not a "
+            f"safetensors weights file ({detail})"
+        )
+    return ValueError(
+        f"cannot load the weights of {name!r}: not a valid safetensors file (empty, truncated, "
+        f"a pickle or another format): {detail}"
+    )
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
+    """``timm.create_model``, with errors that name the problem for bad Hub ids and weights.
+
+    An ``hf-hub:`` name is checked first (:func:`mochi_hub.hub.parse_hub_ref`). A weights file
+    that safetensors cannot read (empty, truncated, a pickle or text under a ``.safetensors``
+    name, a directory) and weights that do not fit the architecture are reported as ValueError
+    naming the model, instead of the errors safetensors and torch raise deep inside timm.
+
+    Args:
+        name: A timm model name, ``hf-hub:<org>/<name>[@revision]`` or ``local-dir:<path>``.
+        pretrained: Load the pretrained weights.
+        **kwargs: Passed to ``timm.create_model``.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: For an invalid Hub reference, or unreadable or unfitting weights.
+    """
+    import timm
+    from safetensors import SafetensorError
+
+    from mochi_hub.hub import HF_HUB_PREFIXES, parse_hub_ref
+
+    if name.startswith(HF_HUB_PREFIXES):
+        parse_hub_ref(name)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except SafetensorError as e:
+        raise _unreadable(name, e) from e
+    except OSError as e:
+        codes = (errno.ENODEV, errno.EISDIR)  # safetensors opening a directory (a Rust error)
+        if e.errno not in codes and not any(f"(os error {c})" in str(e) for c in codes):
+            raise
+        raise _unreadable(name, e, directory=True) from e
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        # torch lists every key: keep the start of each section (missing, unexpected, sizes)
+        parts = [" ".join(p.split()) for p in str(e).split("\n\t")[1:]]
+        shown = [p if len(p) <= 300 else p[:300] + " ..." for p in parts[:6]]
+        more = f"; and {len(parts) - 6} more" if len(parts) > 6 else ""
+        args = f" {kwargs}" if kwargs else ""
+        raise ValueError(
+            f"the weights of {name!r} do not fit the architecture{args}: " + "; ".join(shown) + more
+        ) from e
 
 
 def _cfg(name: str, **kwargs: Any) -> dict:

@@ -27,8 +27,6 @@ import timm
 import torchvision
 from huggingface_hub import hf_hub_download
 from huggingface_hub import utils as hf_utils
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import Weights, WeightsEnum
 from torchvision.transforms import InterpolationMode
@@ -36,6 +34,8 @@ from torchvision.transforms._presets import ImageClassification
 
 from mochi_hub import __version__
 from mochi_hub import registry as _registry  # registers the timm pretrained configs read below
+from mochi_hub.convert import read_safetensors
+from mochi_hub.hub import parse_hub_ref
 
 __all__ = ["ResNet18_MoCHi_Weights", "ResNet50_MoCHi_Weights", "resnet18", "resnet50"]
 
@@ -114,8 +114,12 @@ class _MoCHiWeightsEnum(WeightsEnum):
 
         Returns:
             The backbone's state dict (no ``fc.*`` keys).
+
+        Raises:
+            ValueError: If the file is not a readable safetensors file.
         """
-        return _read_state(_fetch(self.hf_hub_id, kwargs.get("progress", True)))[0]
+        repo = self.hf_hub_id
+        return _read_state(_fetch(repo, kwargs.get("progress", True)), f"hf-hub:{repo}")[0]
 
 
 class ResNet50_MoCHi_Weights(_MoCHiWeightsEnum):
@@ -163,7 +167,7 @@ class ResNet18_MoCHi_Weights(_MoCHiWeightsEnum):
 
 def _fetch(repo: str, progress: bool = True) -> str:
     """The local path of ``model.safetensors`` in Hub repository ``org/name[@revision]``."""
-    repo_id, _, revision = repo.partition("@")
+    repo_id, revision = parse_hub_ref(repo)
     kwargs: dict[str, Any] = {}
     silent = getattr(hf_utils, "silent_tqdm", None)  # absent from old huggingface_hub
     if not progress and silent and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
@@ -178,11 +182,16 @@ def _fetch(repo: str, progress: bool = True) -> str:
     )
 
 
-def _read_state(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A safetensors file's tensors and its metadata (``{}`` when it has none)."""
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
-    return load_file(path), metadata
+def _read_state(path: str, source: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors and its metadata (``{}`` when it has none).
+
+    Raises:
+        ValueError: If it is not a readable safetensors file; the message names ``source``.
+    """
+    try:
+        return read_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"cannot load the weights of {source}: {e}") from e
 
 
 def _resolve(
@@ -192,10 +201,11 @@ def _resolve(
     if weights is None:
         return None, None
     if isinstance(weights, str) and weights.startswith(HF_HUB_PREFIX):
-        repo = weights[len(HF_HUB_PREFIX) :]
-        if repo.partition("@")[0].count("/") != 1:
-            raise ValueError(f"expected 'hf-hub:<org>/<name>[@revision]', got {weights!r}")
-        return None, repo
+        try:
+            parse_hub_ref(weights)
+        except ValueError as e:
+            raise ValueError(f"{e} (expected 'hf-hub:<org>/<name>[@revision]')") from None
+        return None, weights[len(HF_HUB_PREFIX) :]
     try:
         return enum.verify(weights), None
     except KeyError:
@@ -269,7 +279,7 @@ def _build(
         source = f"{enum.__name__}.{member.name} (hf-hub:{repo})"
     else:
         source = f"hf-hub:{repo}"
-    state, metadata = _read_state(_fetch(repo, progress))
+    state, metadata = _read_state(_fetch(repo, progress), source)
     _check_and_load(
         model,
         state,
@@ -302,8 +312,9 @@ def resnet50(
         A ``torchvision.models.ResNet`` (in training mode, as torchvision returns it).
 
     Raises:
-        ValueError: If ``weights`` is unknown, or the file does not fit the model (the message
-            names the missing, unexpected and mis-shaped keys).
+        ValueError: If ``weights`` is unknown or an invalid Hub reference, the file is not a
+            readable safetensors file, or it does not fit the model (the message names the
+            missing, unexpected and mis-shaped keys).
     """
     return _build(torchvision.models.resnet50, ResNet50_MoCHi_Weights, weights, progress, kwargs)
 
@@ -328,7 +339,8 @@ def resnet18(
         A ``torchvision.models.ResNet`` (in training mode, as torchvision returns it).
 
     Raises:
-        ValueError: If ``weights`` is unknown, or the file does not fit the model (the message
-            names the missing, unexpected and mis-shaped keys).
+        ValueError: If ``weights`` is unknown or an invalid Hub reference, the file is not a
+            readable safetensors file, or it does not fit the model (the message names the
+            missing, unexpected and mis-shaped keys).
     """
     return _build(torchvision.models.resnet18, ResNet18_MoCHi_Weights, weights, progress, kwargs)

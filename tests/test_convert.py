@@ -330,17 +330,7 @@ def test_wrong_arch_names_the_mismatch(files, tmp_path):
         convert_checkpoint(files["v1"][0], tmp_path / "out", arch="resnet_9000")
 
 
-@pytest.mark.parametrize("suffix", [".pth.tar", ".safetensors"])
-def test_truncated_file_is_a_clear_error(files, tmp_path, suffix):
-    path = tmp_path / f"cut{suffix}"
-    if suffix == ".safetensors":
-        save_file(_backbone(files["linear"][1]), str(tmp_path / "full.safetensors"))
-        data = (tmp_path / "full.safetensors").read_bytes()
-    else:
-        data = files["v1"][0].read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated"):
-        convert_checkpoint(path, tmp_path / "out")
+# Truncated, empty, text and pickled weight files: the matrix in tests/test_bad_inputs.py.
 
 
 def test_existing_output_needs_overwrite(files, tmp_path):

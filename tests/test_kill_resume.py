@@ -215,3 +215,65 @@ def test_killed_again_and_again_two_process_run_ends_with_the_same_weights(tmp_p
 def _newest_step(run: Path) -> int:
     ckpt = find_checkpoint(run)
     return json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else 0
+
+
+# ------------------------------------------------------------------ exports
+
+EXPORT_WORKER = Path(__file__).parent / "workers" / "faulty_export.py"
+# where the kill lands, and which folder must then be under --out, whole
+EXPORT_FAILPOINTS = {"weights": "old", "card": "old", "swapped": "new", "cleanup": "new"}
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file's bytes; for the weights, their tensors' bytes and the metadata.
+
+    (safetensors writes its metadata map in a per-process hash order, so the same export made
+    by two processes differs in the header's byte order only.)
+    """
+    from safetensors import safe_open
+
+    snap = {}
+    for p in sorted(folder.rglob("*")):
+        if p.name == "model.safetensors":
+            with safe_open(str(p), "pt") as f:
+                snap[p.name] = (
+                    f.metadata(),
+                    {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()},
+                )
+        elif p.is_file():
+            snap[str(p.relative_to(folder))] = p.read_bytes()
+    return snap
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    from mochi_hub.config import load_config
+    from mochi_hub.engine import pretrain
+
+    run = tmp_path_factory.mktemp("export_kill") / "run"
+    overrides = [o for o in RECIPE[1:] if not o.startswith(("train.max_steps", "data.batch"))]
+    pretrain(load_config("quickstart", [*overrides, "data.batch_size=32", "train.max_steps=2",
+                                        f"train.output_dir={run}"]))  # fmt: skip
+    return run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
+
+
+@pytest.mark.parametrize("point", EXPORT_FAILPOINTS)
+def test_killed_export_leaves_the_old_or_the_new_folder_whole(point, two_checkpoints, tmp_path):
+    from mochi_hub.export import export_backbone
+
+    step1, step2 = two_checkpoints
+    name = "resnet18_mochi.digits"
+    old = _snapshot(export_backbone(step1, tmp_path / "ref_old" / name))
+    new = _snapshot(export_backbone(step2, tmp_path / "ref_new" / name))
+    assert old["model.safetensors"] != new["model.safetensors"]
+    out = export_backbone(step1, tmp_path / "out" / name)  # the export being replaced
+    env = {**os.environ, "MOCHI_TEST_FAILPOINT": point, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(EXPORT_WORKER), str(step2), "--out", str(out), "--overwrite"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # at the moment of the kill: the old export or the new one, each complete, byte for byte
+    assert _snapshot(out) == (old if EXPORT_FAILPOINTS[point] == "old" else new)
+    # the next export replaces it and leaves nothing of the killed one behind
+    export_backbone(step2, out, overwrite=True)
+    assert _snapshot(out) == new
+    assert [p.name for p in out.parent.iterdir()] == [name]
