@@ -11,13 +11,11 @@ Used by tests/test_kill_resume.py. ``MOCHI_TEST_FAILPOINT=<point>`` (no variable
 """
 
 import os
-import signal
 import sys
 from pathlib import Path
 
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+from _kill import die as _die
+from _kill import shutil_with_rmtree
 
 
 def install(point: str) -> None:
@@ -54,17 +52,12 @@ def install(point: str) -> None:
     elif point == "cleanup":
         real_rmtree = fsutil.shutil.rmtree
 
-        class _Shutil:
-            def __getattr__(self, name):
-                return getattr(__import__("shutil"), name)
+        def rmtree(path, *args, **kwargs):
+            (Path(path) / "model.safetensors").unlink()  # part of the old folder is gone
+            _die()
+            real_rmtree(path, *args, **kwargs)
 
-            @staticmethod
-            def rmtree(path, *args, **kwargs):
-                (Path(path) / "model.safetensors").unlink()  # part of the old folder is gone
-                _die()
-                real_rmtree(path, *args, **kwargs)
-
-        fsutil.shutil = _Shutil()
+        fsutil.shutil = shutil_with_rmtree(rmtree)
     else:
         raise SystemExit(f"unknown failpoint {point!r}")
 

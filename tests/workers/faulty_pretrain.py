@@ -18,14 +18,11 @@ Points (each wraps the real function; nothing else is changed):
 """
 
 import os
-import signal
 import sys
 from pathlib import Path
 
-
-def _die() -> None:
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+from _kill import die as _die
+from _kill import shutil_with_rmtree
 
 
 def install(point: str, rank: int, nth: int) -> None:
@@ -101,20 +98,15 @@ def install(point: str, rank: int, nth: int) -> None:
     elif point == "prune":
         real_rmtree = engine.shutil.rmtree
 
-        class _Shutil:
-            def __getattr__(self, name):
-                return getattr(__import__("shutil"), name)
+        def rmtree(path, *args, **kwargs):
+            if Path(path).name.startswith("step_") and hit():
+                # delete part of the checkpoint, as an interrupted rmtree would
+                for f in sorted(Path(path).iterdir())[:2]:
+                    f.unlink()
+                _die()
+            return real_rmtree(path, *args, **kwargs)
 
-            @staticmethod
-            def rmtree(path, *args, **kwargs):
-                if Path(path).name.startswith("step_") and hit():
-                    # delete part of the checkpoint, as an interrupted rmtree would
-                    for f in sorted(Path(path).iterdir())[:2]:
-                        f.unlink()
-                    _die()
-                return real_rmtree(path, *args, **kwargs)
-
-        engine.shutil = _Shutil()
+        engine.shutil = shutil_with_rmtree(rmtree)
     else:
         raise SystemExit(f"unknown failpoint {point!r}")
 
